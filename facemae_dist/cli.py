@@ -1,0 +1,201 @@
+"""`facemae`: one command line over the toolkit's stages. Each subcommand is a thin layer over a
+library function; errors a user can fix print one clear line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from facemae_dist.errors import FacemaeError
+
+EPILOG = """examples:
+  facemae synth 200x20 faces/ --seed 0            # 200 synthetic identities × 20 images
+  facemae shard faces/ shards/ --holdout-identities 50 --workers 2
+  facemae demo --out runs/demo                     # the main job on the embedded synthetic faces
+run `facemae <command> --help` for the options of each command."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=36)
+
+
+def _add(sub, name: str, help_: str, example: str, fn: Callable) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name,
+        help=help_,
+        description=help_,
+        epilog=f"example:\n  {example}",
+        formatter_class=_formatter,
+    )
+    parser.set_defaults(func=fn)
+    return parser
+
+
+def add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source",
+        help="image folder, file list, RecordIO (.rec or folder), or IDSxPER[:SEED] for synthetic",
+    )
+    p.add_argument(
+        "out_dir", help="output folder: OUT_DIR/<split>/<name>-NNNNNN.tar + manifest.json"
+    )
+    p.add_argument(
+        "--format", default="auto", choices=["auto", "folder", "list", "recordio", "synthetic"]
+    )
+    p.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
+    p.add_argument(
+        "--max-shard-bytes", type=int, default=None, metavar="B", help="byte budget per shard"
+    )
+    p.add_argument("--workers", type=int, default=1, metavar="W", help="writer processes")
+    p.add_argument("--shuffle", action="store_true", help="shuffle samples across shards")
+    p.add_argument("--seed", type=int, default=0, help="seed for --shuffle and the hold-out choice")
+    hold = p.add_mutually_exclusive_group()
+    hold.add_argument(
+        "--holdout-identities",
+        type=int,
+        default=0,
+        metavar="K",
+        help="move K whole identities to the 'unseen' split",
+    )
+    hold.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="move a fraction F of identities to 'unseen'",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first bad input instead of skipping it"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="keep verified shards of a killed run, redo the rest"
+    )
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--name", default="faces", help="shard file prefix")
+    p.add_argument(
+        "--full-decode", action="store_true", help="decode every image to validate it (slower)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from facemae_dist.data.shards import ShardOptions, shard_dataset
+    from facemae_dist.data.sources import open_source
+
+    source = open_source(args.source, args.format)
+    opts = ShardOptions(
+        samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        workers=args.workers,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        holdout_identities=args.holdout_identities,
+        holdout_fraction=args.holdout_fraction,
+        strict=args.strict,
+        resume=args.resume,
+        image_size=args.image_size,
+        name=args.name,
+        full_decode=args.full_decode,
+        progress=not args.no_progress,
+    )
+    for split, m in shard_dataset(source, args.out_dir, opts).items():
+        print(
+            f"{split}: {m['num_samples']:,} images, {m['num_classes']:,} identities, "
+            f"{len(m['shards'])} shards, {len(m['rejected'])} rejected → {args.out_dir}/{split}"
+        )
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from facemae_dist.data.synthetic import SynthConfig, write_folder
+
+    ids, _, per = args.size.partition("x")
+    if not (ids.isdigit() and per.isdigit()):
+        raise FacemaeError(f"size {args.size!r}: expected IDSxPER, e.g. 200x20")
+    cfg = SynthConfig(num_identities=int(ids), images_per_identity=int(per), seed=args.seed)
+    count = write_folder(cfg, args.out_dir)
+    print(f"wrote {count:,} faces of {cfg.num_identities:,} identities to {args.out_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from facemae_dist.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from facemae_dist.engine.pretrain import main as pretrain_main
+
+    pretrain_main(args.rest)
+    return 0
+
+
+def run_entry(name: str, fn: Callable[[], object]) -> None:
+    """Module entry points (`python -m facemae_dist.<stage>`): same error handling as the CLI."""
+    try:
+        fn()
+    except FacemaeError as exc:
+        print(f"facemae {name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facemae",
+        description="facemae-dist: distributed FaceMAE training for privacy-preserving face recognition.",
+        epilog=EPILOG,
+        formatter_class=_formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = _add(
+        sub,
+        "synth",
+        "write identity-structured synthetic faces as an image folder",
+        "facemae synth 200x20 faces/ --seed 0",
+        cmd_synth,
+    )
+    p.add_argument("size", help="IDSxPER: identities × images per identity")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = _add(
+        sub,
+        "shard",
+        "turn faces (folder, list, RecordIO, synthetic) into WebDataset shards",
+        "facemae shard /data/faces_webface_112x112 shards/ --holdout-fraction 0.1 --workers 8",
+        cmd_shard,
+    )
+    add_shard_arguments(p)
+    p = _add(
+        sub,
+        "demo",
+        "the main job on embedded synthetic faces (no network, no GPU)",
+        "facemae demo --quick --out runs/demo",
+        cmd_demo,
+    )
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--quick", action="store_true", help="a smaller run for CI (minutes)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except FacemaeError as exc:
+        print(f"facemae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"facemae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Typed configs: YAML file → `key=value` overrides → nested dataclasses, with clear errors.
+
+A config file may name a `base:` file (relative to itself) whose values it overrides, so realistic
+configs state only what differs from a shared recipe. The resolved config is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from facemae_dist.errors import FacemaeError
+
+T = TypeVar("T")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FacemaeError(f"config file {path} not found: pass an existing YAML (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FacemaeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FacemaeError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    return _merge(load_yaml(path.parent / base), data) if base else data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """`optim.base_lr=1e-3 data.batch_size=64` → nested dict updates (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FacemaeError(
+                f"override {item!r}: expected section.key=value, e.g. optim.epochs=10"
+            )
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FacemaeError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise FacemaeError(f"{where}: expected a list, got {value!r}")
+        return origin(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise FacemaeError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from `data`; unknown keys are an error that lists the valid ones."""
+    if not isinstance(data, dict):
+        raise FacemaeError(f"{where or 'config'}: expected a section (mapping), got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise FacemaeError(
+            f"unknown config key {where + '.' if where else ''}{unknown[0]}; "
+            f"valid keys here: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _convert(hints[name], value, f"{where}.{name}" if where else name)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
+    return from_dict(cls, apply_overrides(load_yaml(path), overrides))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

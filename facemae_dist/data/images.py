@@ -1,0 +1,118 @@
+"""Encoded-image checks without decoding: format sniffing, size from the header, truncation.
+
+The sharder passes JPEG/PNG bytes through untouched when they are already at the target size, so it
+must judge an image from its bytes alone; a full decode is only needed to resize or re-encode.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+from PIL import Image
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# SOF markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
+_NAMES = {"jpg": "JPEG", "png": "PNG", "other": "image"}
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class BadImage(ValueError):
+    """The bytes are not a usable image; the message says why (stored in the manifest)."""
+
+
+def sniff(data: bytes) -> str:
+    """'jpg', 'png' or 'other' (another format PIL may decode) from the leading bytes."""
+    if data.startswith(JPEG_MAGIC):
+        return "jpg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    return "other"
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise BadImage("corrupt JPEG: marker expected")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        (seg_len,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in _SOF_MARKERS:
+            if pos + 9 > n:
+                break
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        pos += 2 + seg_len
+    raise BadImage("truncated JPEG: no frame header")
+
+
+def image_size(data: bytes, kind: str) -> tuple[int, int]:
+    """(width, height) read from the header."""
+    if kind == "jpg":
+        return _jpeg_size(data)
+    if kind == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise BadImage("truncated PNG: no IHDR")
+        return struct.unpack_from(">II", data, 16)
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception as exc:
+        raise BadImage(f"not an image ({type(exc).__name__})") from exc
+
+
+def looks_complete(data: bytes, kind: str) -> bool:
+    """True when the file ends the way a whole JPEG/PNG ends (cheap truncation check)."""
+    tail = data[-64:].rstrip(b"\x00")  # some writers zero-pad
+    if kind == "jpg":
+        return tail.endswith(b"\xff\xd9")
+    if kind == "png":
+        return tail[-12:-4].endswith(b"IEND")
+    return True
+
+
+def check_image(data: bytes, full_decode: bool = False) -> tuple[str, tuple[int, int]]:
+    """Validate encoded bytes; return (kind, (width, height)) or raise BadImage with the reason."""
+    if not data:
+        raise BadImage("empty file")
+    kind = sniff(data)
+    size = image_size(data, kind)
+    if not looks_complete(data, kind):
+        raise BadImage(f"truncated {_NAMES[kind]}: end marker missing")
+    if full_decode or kind == "other":
+        decode_rgb(data)
+    return kind, size
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode to an RGB PIL image, raising BadImage on any decoder error."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as exc:
+        raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+def reencode(data: bytes, size: int, kind: str, jpeg_quality: int = 95) -> tuple[bytes, str]:
+    """Decode, resize to size×size and encode again (PNG stays PNG, everything else → JPEG)."""
+    img = decode_rgb(data)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    if kind == "png":
+        img.save(out, format="PNG")
+        return out.getvalue(), "png"
+    img.save(out, format="JPEG", quality=jpeg_quality)
+    return out.getvalue(), "jpg"
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    """uint8 (H, W, 3) array → JPEG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", quality=quality)
+    return out.getvalue()

@@ -1,0 +1,241 @@
+"""Reading shards for training and inference: rank/worker split, shuffling, decode, flip, batching.
+
+Training streams (``repeat=True``) give every rank exactly ``batches_per_epoch`` batches, whatever
+the shard count: each (rank, worker) slot cycles through its own shards, so a slot that runs out
+wraps around instead of ending early and hanging the collective ops of the other ranks. Everything
+random is seeded by (seed, epoch, slot), which makes the stream reproducible and lets a resumed run
+skip the batches it already trained on (skipped samples are never decoded).
+
+Inference streams (``repeat=False``) read each shard once, the last batch may be short.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+
+from facemae_dist.data.shards import load_manifest
+from facemae_dist.errors import FacemaeError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+class BadShardError(FacemaeError):
+    """A shard that cannot be read to the end (truncated or corrupt)."""
+
+
+def read_shard(url: str, expected: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one WebDataset tar as dicts {__key__, __url__, <ext>: bytes}.
+
+    Raises BadShardError naming the shard when it is truncated or corrupt, including a tar cut at
+    a member boundary (detected when ``expected``, the manifest's count, is known).
+    """
+    count, current = 0, None
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        count += 1
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BadShardError(
+            f"shard {url} is truncated or corrupt ({exc}); re-create it with `facemae shard --resume`"
+        ) from None
+    if current is not None:
+        count += 1
+        yield current
+    if expected is not None and count != expected:
+        raise BadShardError(
+            f"shard {url} ended after {count} of {expected} samples: it is truncated; "
+            "re-create it with `facemae shard --resume`"
+        )
+
+
+def decode_face(sample: dict[str, Any]) -> torch.Tensor:
+    """uint8 (3, H, W) RGB tensor from a sample's encoded image."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            with Image.open(io.BytesIO(sample[ext])) as img:
+                array = np.array(img.convert("RGB"))
+            return torch.from_numpy(array).permute(2, 0, 1)
+    raise BadShardError(f"sample {sample['__key__']} in {sample['__url__']} has no image")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float in [-1, 1]: the model input convention (x/255 - 0.5)/0.5."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def resolve(shards: str | Sequence[str]) -> tuple[list[str], list[int] | None, dict | None]:
+    """(urls, samples per shard or None, manifest or None) from a split folder/manifest or URLs."""
+    if isinstance(shards, str | os.PathLike) and (
+        os.path.isdir(shards) or str(shards).endswith(".json")
+    ):
+        manifest = load_manifest(shards)
+        return manifest["urls"], [s["samples"] for s in manifest["shards"]], manifest
+    urls = [shards] if isinstance(shards, str) else list(shards)
+    if not urls:
+        raise FacemaeError("no shards given")
+    return urls, None, None
+
+
+class FaceStream(IterableDataset):
+    """Batches {"image", "label", "key"} from face shards; see the module docstring."""
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        repeat: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        flip: bool = False,
+        normalize: bool = False,
+        skip_bad_shards: bool = False,
+    ) -> None:
+        self.urls, self.shard_samples, self.manifest = resolve(shards)
+        self.num_samples = sum(self.shard_samples) if self.shard_samples else None
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.repeat, self.shuffle_buffer, self.seed = repeat, shuffle_buffer, seed
+        self.flip, self.normalize, self.skip_bad_shards = flip, normalize, skip_bad_shards
+        self.epoch, self.skip_batches, self.bad_shards = 0, 0, 0
+        if repeat and self.num_samples is None:
+            raise FacemaeError(
+                "a training stream needs a manifest (split folder) for its epoch length"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (drop-last over the global batch)."""
+        return self.num_samples // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch (reshuffles) and how many of its batches a resumed run already saw."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    # ------------------------------------------------------------ shard assignment
+
+    def _slot(self) -> tuple[int, int, int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers, worker, workers
+
+    def _slot_shards(self, slot: int, num_slots: int) -> list[int]:
+        order = list(range(len(self.urls)))
+        if self.repeat:  # same permutation on every rank: shards move between ranks per epoch
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        if len(order) >= num_slots or not self.repeat:
+            return order[slot::num_slots]
+        if slot == 0:
+            warnings.warn(
+                f"{len(order)} shards for {num_slots} reader slots (ranks × workers): some shards "
+                "are read by several slots; re-shard with smaller --samples-per-shard",
+                stacklevel=2,
+            )
+        return [order[slot % len(order)]]
+
+    def _raw_samples(self, shards: list[int], rng: random.Random) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.repeat:
+                rng.shuffle(shards)
+            for index in shards:
+                expected = self.shard_samples[index] if self.shard_samples else None
+                try:
+                    yield from read_shard(self.urls[index], expected)
+                except BadShardError as exc:
+                    if not self.skip_bad_shards:
+                        raise
+                    self.bad_shards += 1
+                    warnings.warn(f"skipping: {exc}", stacklevel=2)
+            if not self.repeat or not shards:
+                return
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if not self.repeat or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            yield buffer[i]
+            buffer[i] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    # ------------------------------------------------------------ batching
+
+    def _batch(self, samples: list[dict], rng: np.random.Generator) -> dict[str, Any]:
+        images = torch.stack([decode_face(s) for s in samples])
+        if self.flip:
+            flips = torch.from_numpy(rng.random(len(samples)) < 0.5)
+            images[flips] = images[flips].flip(-1)
+        labels = torch.tensor([int(s.get("cls", b"-1")) for s in samples], dtype=torch.int64)
+        return {
+            "image": normalize(images) if self.normalize else images,
+            "label": labels,
+            "key": [s["__key__"] for s in samples],
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, num_slots, worker, workers = self._slot()
+        seed = f"{self.seed}/{self.epoch}/{slot}"
+        rng = random.Random(seed)
+        samples = self._shuffled(self._raw_samples(self._slot_shards(slot, num_slots), rng), rng)
+        flip_rng = np.random.default_rng(list(seed.encode()))
+        if self.repeat:  # this worker's share of the rank's batches, minus those already seen
+            quota = _share(self.batches_per_epoch, worker, workers)
+            skip = _share(self.skip_batches, worker, workers)
+            for _ in range(skip * self.batch_size):
+                next(samples)
+            for _ in range(quota - skip):
+                yield self._batch([next(samples) for _ in range(self.batch_size)], flip_rng)
+            return
+        batch: list[dict] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._batch(batch, flip_rng)
+                batch = []
+        if batch:
+            yield self._batch(batch, flip_rng)
+
+
+def _share(total: int, worker: int, workers: int) -> int:
+    """How many of `total` round-robin items fall to `worker` (DataLoader order: 0, 1, 0, 1, ...)."""
+    return total // workers + (worker < total % workers)
+
+
+def make_loader(stream: FaceStream, num_workers: int = 0, prefetch_factor: int = 4) -> DataLoader:
+    """DataLoader over a FaceStream (batches are formed in the stream, so batch_size=None)."""
+    kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers else {}
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        **kwargs,
+    )

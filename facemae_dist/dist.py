@@ -1,0 +1,133 @@
+"""The one place that knows launchers: torchrun, accelerate launch, srun (Slurm) and a plain process.
+
+torchrun and `accelerate launch` export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under `srun` we derive
+them from SLURM_* (MASTER_ADDR = first node of the allocation); a plain `python` run is rank 0 of 1.
+NCCL on GPUs, gloo without.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+
+DEFAULT_PORT = 29511
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+        )
+        return out.stdout.split()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return nodelist.split(",")[0]
+
+
+def detect() -> DistInfo:
+    """Rank/world/local rank from the environment the launcher left (no process group needed)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = int(env.get("LOCAL_RANK", 0))
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), local, "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        return DistInfo(rank, world, int(env.get("SLURM_LOCALID", 0)), "slurm")
+    return DistInfo(0, 1, 0, "single")
+
+
+def _export_env(info: DistInfo) -> None:
+    """Make every launcher look like torchrun to torch.distributed's env:// rendezvous."""
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _first_slurm_host() if info.launcher == "slurm" else "127.0.0.1"
+    if "MASTER_PORT" not in os.environ:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        os.environ["MASTER_PORT"] = str(
+            DEFAULT_PORT + int(job) % 1000 if job.isdigit() else DEFAULT_PORT
+        )
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device(info: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(timeout_s: int = 600) -> DistInfo:
+    """Start the process group (also for a single process: DeepSpeed expects one)."""
+    info = detect()
+    _export_env(info)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        # DeepSpeed would JIT-compile a shared-memory comm op (~100 s) on the first CPU init
+        deepspeed.ops.__compatible_ops__ = {}
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend(),
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    return info
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True only if `flag` is true on every rank (a MIN all-reduce)."""
+    if not torch_dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_true(flag: bool) -> bool:
+    return not all_true(not flag)
+
+
+def _comm_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

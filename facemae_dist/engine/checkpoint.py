@@ -1,0 +1,137 @@
+"""Checkpoints shared by both trainers: atomic, keep-last-K, a `latest` pointer, exact resume.
+
+Layout (on a file system every node sees)::
+
+    RUN/checkpoints/step-00000100/   DeepSpeed engine files + rank00000.pt ... (per-rank state)
+    RUN/checkpoints/latest           name of the newest complete checkpoint
+
+Every rank writes into `.tmp-step-N`; after a barrier rank 0 renames it and only then moves the
+`latest` pointer, so a kill at any moment leaves the previous checkpoint intact and never a half
+one. Per-rank files hold what DeepSpeed does not save per rank: RNG states, the data position and
+task extras (partial-FC shards).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facemae_dist import dist
+from facemae_dist.errors import FacemaeError
+
+LATEST = "latest"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it at the same step. Returns the final checkpoint folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp_tag, final = f".tmp-{step_name(step)}", root / step_name(step)
+    if dist.detect().is_main and (root / tmp_tag).exists():
+        shutil.rmtree(root / tmp_tag)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    rank = dist.detect().rank
+    torch.save(rank_state, root / tmp_tag / f"rank{rank:05d}.pt")
+    dist.barrier()
+    if dist.detect().is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        _atomic_write(root / LATEST, final.name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[: max(0, len(done) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FacemaeError(
+            f"{pointer} names {path.name}, which is missing: restore it or delete {pointer} to start over"
+        )
+    return path
+
+
+def load(engine, path: Path) -> dict[str, Any]:
+    """Restore engine (model, optimizer, scheduler) and return this rank's saved state."""
+    loaded, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if loaded is None:
+        raise FacemaeError(f"cannot load checkpoint {path}: DeepSpeed found no engine state in it")
+    return load_rank_states(path)[dist.detect().rank % world_of(path)]
+
+
+def world_of(path: Path) -> int:
+    return len(list(path.glob("rank*.pt")))
+
+
+def load_rank_states(path: Path) -> list[dict[str, Any]]:
+    """Every rank's saved state (for re-sharding onto a different number of ranks)."""
+    files = sorted(path.glob("rank*.pt"))
+    if not files:
+        raise FacemaeError(f"checkpoint {path} has no per-rank state files; it is incomplete")
+    return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+
+
+def export_safetensors(engine, path: Path, zero_stage: int, ckpt: Path | None) -> Path | None:
+    """Consolidated fp32 weights of the engine's module as safetensors (written by rank 0)."""
+    from safetensors.torch import save_file
+
+    if zero_stage == 3:
+        if ckpt is None:
+            raise FacemaeError("exporting ZeRO-3 weights needs a checkpoint to consolidate")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = None
+        if dist.detect().is_main:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        state = engine.module.state_dict() if dist.detect().is_main else None
+    if dist.detect().is_main:
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+    dist.barrier()
+    return path

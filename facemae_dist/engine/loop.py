@@ -1,0 +1,401 @@
+"""What both trainers share: DeepSpeed setup, LR schedule, the fit loop, logging, signals, NaN guard.
+
+A trainer supplies a :class:`Task` (its model and how a batch becomes a dict of losses) and a
+:class:`~facemae_dist.data.stream.FaceStream`; :func:`fit` does the rest: exact resume from the
+newest checkpoint (model, optimizer, scheduler, RNG, data position), periodic and final checkpoints,
+rank-0 logging (rich line, metrics.jsonl, TensorBoard), checkpoint-and-exit on SIGTERM/SIGUSR1 and
+a clear stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from facemae_dist import dist
+from facemae_dist.data.stream import FaceStream, make_loader
+from facemae_dist.engine import checkpoint
+from facemae_dist.errors import FacemaeError
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again (or requeue) to continue
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr × global_batch / 256
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"  # cosine | poly | constant
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16 (bf16 is the default on GPUs in the realistic configs)
+    grad_accum: int = 1
+    deepspeed_config: str | None = None  # extra DeepSpeed JSON merged over the generated one
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/run"
+    seed: int = 0
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 3
+    image_every: int = 0  # PNG grids every N steps (0: only at the end)
+    num_workers: int = 0
+    resume: bool = True
+
+
+@dataclass
+class FitState:
+    step: int = 0
+    samples_seen: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """What a trainer plugs into :func:`fit`."""
+
+    def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss parts of one micro-batch; key 'loss' is what gets backpropagated."""
+
+    def after_step(self, step: int, lr: float) -> None:
+        """After each optimizer step (e.g. a model-parallel head's own optimizer)."""
+
+    def rank_state(self) -> dict[str, Any]:
+        """Extra per-rank state to checkpoint."""
+
+    def load_rank_states(self, states: list[dict[str, Any]]) -> None:
+        """Restore from every saved rank's state (may re-shard to a new world size)."""
+
+    def visualize(self, engine, batch: dict[str, Any], path: Path) -> None:
+        """Write a picture of the current model on `batch` (all ranks call, rank 0 writes)."""
+
+
+# ---------------------------------------------------------------- setup
+
+
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    return optim.base_lr * global_batch / 256
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int, warmup: int):
+    """Multiplier of the peak lr at each optimizer step: linear warmup then cosine/poly decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if optim.schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        elif optim.schedule == "poly":
+            decay = (1 - progress) ** 2
+        else:
+            decay = 1.0
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, tokens and position embeddings (1-D params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith((".bias", "token")) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def deepspeed_config(
+    engine: EngineConfig, micro_batch: int, world: int, optim: OptimConfig
+) -> dict:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": engine.grad_accum,
+        "train_batch_size": micro_batch * engine.grad_accum * world,
+        "zero_optimization": {"stage": engine.zero_stage},
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "zero_allow_untested_optimizer": True,
+    }
+    if optim.grad_clip > 0:
+        cfg["gradient_clipping"] = optim.grad_clip
+    if engine.deepspeed_config:
+        path = Path(engine.deepspeed_config)
+        if not path.is_file():
+            raise FacemaeError(f"engine.deepspeed_config {path} not found (see configs/deepspeed/)")
+        extra = json.loads(path.read_text())
+        extra.pop("train_batch_size", None)  # always derived from the run's batch and world size
+        cfg = {
+            **cfg,
+            **extra,
+            "zero_optimization": {**cfg["zero_optimization"], **extra.get("zero_optimization", {})},
+        }
+    return cfg
+
+
+def build_engine(
+    model,
+    optim: OptimConfig,
+    engine_cfg: EngineConfig,
+    micro_batch: int,
+    total_steps: int,
+    steps_per_epoch: int,
+):
+    """DeepSpeed engine with a torch optimizer (no JIT-built fused ops) and a LambdaLR schedule."""
+    import deepspeed
+
+    world = dist.detect().world_size
+    global_batch = micro_batch * engine_cfg.grad_accum * world
+    lr = scaled_lr(optim, global_batch)
+    groups = param_groups(model, optim.weight_decay)
+    if optim.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+    warmup = optim.warmup_steps or int(optim.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps, warmup))
+    ds_cfg = deepspeed_config(engine_cfg, micro_batch, world, optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg
+    )
+    return engine
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signum = signum
+
+
+# ---------------------------------------------------------------- logging
+
+
+class Logger:
+    """Rank 0: a console line, metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total_steps
+        self.start, self.start_step = time.perf_counter(), None
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, samples: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_samples = step - 1, samples
+            self.start = time.perf_counter()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = (samples - self.start_samples) / elapsed
+        eta = (self.total - step) * elapsed / max(1, step - self.start_step)
+        record = {"step": step, "samples": samples, "img_per_s": rate, **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+        parts = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(
+            f"step {step}/{self.total} {parts} | {rate:.1f} img/s | eta {eta / 60:.1f} min",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _rank_state(state: FitState, task: Task) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "rng": checkpoint.rng_state(),
+        "task": task.rank_state(),
+    }
+
+
+def _resume(engine, task: Task, ckpt_root: Path, seed: int) -> FitState:
+    path = checkpoint.latest(ckpt_root)
+    if path is None:
+        torch.manual_seed(seed + dist.detect().rank)
+        return FitState()
+    saved = checkpoint.load(engine, path)
+    if checkpoint.world_of(path) == dist.detect().world_size:
+        checkpoint.set_rng_state(saved["rng"])
+    task.load_rank_states([s["task"] for s in checkpoint.load_rank_states(path)])
+    if dist.detect().is_main:
+        print(f"resumed from {path} (step {saved['step']})", flush=True)
+    return FitState(step=saved["step"], samples_seen=saved["samples_seen"])
+
+
+def _check_finite(losses: dict[str, torch.Tensor], flag: StopFlag) -> tuple[bool, bool]:
+    """(every rank's loss finite, any rank signalled) with one all-reduce."""
+    finite = bool(torch.isfinite(losses["loss"].detach().float()).all())
+    t = torch.tensor([0.0 if finite else 1.0, 1.0 if flag.signum else 0.0])
+    if torch.distributed.is_initialized():
+        t = t.to(losses["loss"].device)
+        torch.distributed.all_reduce(t)
+    return t[0].item() == 0, t[1].item() > 0
+
+
+def total_steps_for(run: RunConfig, steps_per_epoch: int) -> int:
+    return run.max_steps if run.max_steps > 0 else max(1, int(run.epochs * steps_per_epoch))
+
+
+class _Fit:
+    """One training run's moving parts; :func:`fit` is the public entry."""
+
+    def __init__(
+        self, engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int
+    ) -> None:
+        self.engine, self.task, self.stream, self.run = engine, task, stream, run
+        self.grad_accum = grad_accum
+        self.info = dist.detect()
+        self.run_dir = Path(run.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.micro_per_epoch = stream.batches_per_epoch
+        if self.micro_per_epoch < grad_accum:
+            raise FacemaeError(
+                f"{stream.num_samples} samples give {self.micro_per_epoch} batches per rank per epoch, "
+                f"fewer than engine.grad_accum={grad_accum}: lower the batch size or accumulation"
+            )
+        self.total = total_steps_for(run, self.micro_per_epoch // grad_accum)
+        self.flag = StopFlag()
+        self.logger = Logger(self.run_dir, self.total, self.info.is_main)
+        self.sums: dict[str, float] = {}
+        self.state = FitState()
+
+    def checkpoint(self) -> None:
+        rank_state = _rank_state(self.state, self.task)
+        checkpoint.save(
+            self.engine, self.ckpt_root, self.state.step, rank_state, self.run.keep_last
+        )
+
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        losses = self.task.losses(self.engine, batch)
+        self.engine.backward(losses["loss"])
+        self.engine.step()
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.state.samples_seen += self.stream.batch_size * self.stream.world_size
+        return losses
+
+    def optimizer_step_done(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        finite, stop = _check_finite(losses, self.flag)
+        if not finite:
+            raise FacemaeError(
+                f"loss is {losses['loss'].item()} at step {self.state.step + 1}: training stopped. "
+                f"Last good checkpoint: {checkpoint.latest(self.ckpt_root) or 'none'}. Lower "
+                "optim.base_lr, set optim.grad_clip or check the data, then run again to resume"
+            )
+        self.state.step += 1
+        self.task.after_step(self.state.step, self.engine.get_lr()[0])
+        self.periodic(batch)
+        if stop:
+            self.checkpoint()
+            if self.info.is_main:
+                print(
+                    f"stop signal: checkpoint at step {self.state.step}; run again to resume",
+                    flush=True,
+                )
+            self.logger.close()
+            sys.exit(EXIT_PREEMPTED)
+
+    def periodic(self, batch: dict[str, Any]) -> None:
+        step, run = self.state.step, self.run
+        if step % run.log_every == 0:
+            metrics = {k: v / (run.log_every * self.grad_accum) for k, v in self.sums.items()}
+            metrics["lr"] = self.engine.get_lr()[0]
+            self.logger.log(step, self.state.samples_seen, metrics)
+            self.sums.clear()
+        if run.image_every and step % run.image_every == 0:
+            self.task.visualize(
+                self.engine, batch, self.run_dir / "images" / f"step-{step:08d}.png"
+            )
+        if run.ckpt_every and step % run.ckpt_every == 0:
+            self.checkpoint()
+
+    def epoch(self) -> dict[str, Any] | None:
+        """Train from the current position to the end of its epoch (or to the last step).
+
+        Position is derived from the step alone: epoch = step // steps_per_epoch, so a resumed run
+        skips exactly the micro-batches it already trained on.
+        """
+        steps_per_epoch = self.micro_per_epoch // self.grad_accum
+        epoch, in_epoch = divmod(self.state.step, steps_per_epoch)
+        self.stream.set_epoch(epoch, in_epoch * self.grad_accum)
+        todo = min(steps_per_epoch - in_epoch, self.total - self.state.step) * self.grad_accum
+        batch = None
+        for micro, batch in enumerate(make_loader(self.stream, self.run.num_workers), start=1):
+            losses = self.micro_step(batch)
+            if micro % self.grad_accum == 0:
+                self.optimizer_step_done(losses, batch)
+            if micro >= todo:
+                break
+        return batch
+
+
+def fit(engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int = 1) -> FitState:
+    """Train to the configured step count; returns the final state. Exits 75 on a stop signal."""
+    loop = _Fit(engine, task, stream, run, grad_accum)
+    if run.resume:
+        loop.state = _resume(engine, task, loop.ckpt_root, run.seed)
+    else:
+        torch.manual_seed(run.seed + loop.info.rank)
+    last_batch = None
+    try:
+        while loop.state.step < loop.total:
+            last_batch = loop.epoch() or last_batch
+        final = checkpoint.latest(loop.ckpt_root)
+        if final is None or final.name != checkpoint.step_name(loop.state.step):
+            loop.checkpoint()
+        if last_batch is not None:
+            path = loop.run_dir / "images" / f"step-{loop.state.step:08d}.png"
+            task.visualize(engine, last_batch, path)
+    finally:
+        loop.logger.close()
+    return loop.state

@@ -1,0 +1,255 @@
+"""FaceMAE pretraining: MAE reconstruction + instance relation matching (IRM), on DeepSpeed ZeRO.
+
+`build_*` functions plus the shared :func:`facemae_dist.engine.loop.fit`. The config is validated
+before any process group starts, so a run that cannot work fails in seconds, not after a queue wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facemae_dist import dist
+from facemae_dist.config import load_config, save_config
+from facemae_dist.data.shards import load_manifest
+from facemae_dist.data.stream import FaceStream
+from facemae_dist.engine import checkpoint
+from facemae_dist.engine.loop import (
+    EngineConfig,
+    OptimConfig,
+    RunConfig,
+    build_engine,
+    fit,
+    total_steps_for,
+)
+from facemae_dist.errors import FacemaeError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # split folder written by `facemae shard` (holds manifest.json)
+    global_batch: int = 256  # images per optimizer step over all ranks
+    shuffle_buffer: int = 1000
+    flip: bool = True
+    skip_bad_shards: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "facemae_vit_base_patch8_112"  # any `timm.list_models("facemae*")`
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    image_size: int = 112
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. decoder_dim, decoder_depth
+
+
+@dataclass
+class IRMConfig:
+    weight: float = 1.0  # w_irm; 0 = MSE-only ablation (no teacher needed)
+    w_mse: float = 1.0
+    teacher: str | None = None  # .safetensors of a recognizer trained with `facemae train`
+    teacher_arch: str = "iresnet50"
+    teacher_embedding: int = 512
+    temperature: float = 0.1
+    similarity: str = "cosine"  # cosine | dot
+    direction: str = "forward"  # forward KL(orig||recon) | reverse | symmetric
+    paste_visible: bool = True  # IRM sees reconstructions with the visible patches pasted back
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    irm: IRMConfig = field(default_factory=IRMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
+    import timm
+
+    import facemae_dist.models.mae  # noqa: F401  (registers the facemae_* presets)
+
+    names = timm.list_models("facemae*")
+    if cfg.name not in names:
+        raise FacemaeError(
+            f"model.name {cfg.name!r} is not a FaceMAE preset; choose one of {', '.join(names)}"
+        )
+    kwargs = {"img_size": cfg.image_size, "norm_pix_loss": cfg.norm_pix_loss, **cfg.kwargs}
+    return timm.create_model(cfg.name, **kwargs)
+
+
+def validate(cfg: PretrainConfig, world_size: int) -> int:
+    """Fail before any process group starts; returns the per-rank micro-batch size."""
+    if not 0.0 < cfg.model.mask_ratio < 1.0:
+        raise FacemaeError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
+    per_step = world_size * cfg.engine.grad_accum
+    if cfg.data.global_batch % per_step:
+        raise FacemaeError(
+            f"data.global_batch {cfg.data.global_batch} is not divisible by ranks × engine.grad_accum "
+            f"= {world_size} × {cfg.engine.grad_accum}: choose a multiple of {per_step}"
+        )
+    if cfg.irm.weight > 0:
+        if not cfg.irm.teacher:
+            raise FacemaeError(
+                "IRM needs a teacher: set irm.teacher to a recognizer's .safetensors "
+                "(train one with `facemae train`), or irm.weight=0 for the MSE-only ablation"
+            )
+        if not Path(cfg.irm.teacher).is_file():
+            raise FacemaeError(
+                f"irm.teacher {cfg.irm.teacher} not found: train a recognizer with `facemae train` first"
+            )
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise FacemaeError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.engine.precision not in ("fp32", "bf16"):
+        raise FacemaeError(
+            f"engine.precision must be fp32 or bf16 (fp16 is not supported), got {cfg.engine.precision}"
+        )
+    load_manifest(cfg.data.train)  # clear error if the shards are missing
+    return cfg.data.global_batch // per_step
+
+
+def build_irm(cfg: IRMConfig, device: torch.device):
+    if cfg.weight <= 0:
+        return None
+    from facemae_dist.losses.irm import IRMLoss, load_teacher
+    from facemae_dist.models.backbones import build_backbone
+
+    teacher = load_teacher(
+        cfg.teacher, lambda: build_backbone(cfg.teacher_arch, cfg.teacher_embedding)
+    )
+    return IRMLoss(teacher.to(device), cfg.temperature, cfg.similarity, cfg.direction)
+
+
+# ---------------------------------------------------------------- the task
+
+
+class MAETask:
+    """MAE + IRM losses of a batch; masks drawn from a per-rank generator that is checkpointed."""
+
+    def __init__(self, cfg: PretrainConfig, irm, device: torch.device, rank: int) -> None:
+        self.cfg, self.irm, self.device = cfg, irm, device
+        self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(cfg.run.seed * 1000 + rank)
+
+    def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"].to(self.device, self.dtype, non_blocking=True)
+        out = engine(images, self.cfg.model.mask_ratio, generator=self.generator)
+        mse = out.loss.float()
+        if self.irm is None:
+            return {"loss": self.cfg.irm.w_mse * mse, "mse": mse.detach()}
+        recon = engine.module.images_from_pred(
+            images, out.pred, out.mask, self.cfg.irm.paste_visible
+        )
+        irm = self.irm(images.float(), recon.float())
+        loss = self.cfg.irm.w_mse * mse + self.cfg.irm.weight * irm
+        return {"loss": loss, "mse": mse.detach(), "irm": irm.detach()}
+
+    def after_step(self, step: int, lr: float) -> None:
+        pass
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"mask_generator": self.generator.get_state()}
+
+    def load_rank_states(self, states: list[dict[str, Any]]) -> None:
+        rank = dist.detect().rank
+        if rank < len(states):
+            self.generator.set_state(states[rank]["mask_generator"])
+
+    def visualize(self, engine, batch: dict[str, Any], path: Path) -> None:
+        from facemae_dist.report import save_grid
+
+        images = batch["image"][:8].to(self.device, self.dtype)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        with torch.no_grad():
+            recon, mask = engine.module.reconstruct(images, self.cfg.model.mask_ratio, gen)
+            masked = engine.module.masked_images(images, mask)
+        if dist.detect().is_main:
+            rows = [images.float(), masked.float(), recon.float()]
+            save_grid(rows, path, ["original", "masked", "reconstructed"])
+
+
+# ---------------------------------------------------------------- entry
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    micro = validate(cfg, dist.detect().world_size)
+    model = build_model(cfg.model)
+    info = dist.init()
+    device = dist.device(info)
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    stream = FaceStream(
+        cfg.data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip, normalize=True,
+        skip_bad_shards=cfg.data.skip_bad_shards,
+    )  # fmt: skip
+    steps_per_epoch = max(1, stream.batches_per_epoch // cfg.engine.grad_accum)
+    total = total_steps_for(cfg.run, steps_per_epoch)
+    engine = build_engine(model, cfg.optim, cfg.engine, micro, total, steps_per_epoch)
+    task = MAETask(cfg, build_irm(cfg.irm, device), device, info.rank)
+    state = fit(engine, task, stream, cfg.run, cfg.engine.grad_accum)
+    weights = run_dir / "facemae.safetensors"
+    checkpoint.export_safetensors(
+        engine, weights, cfg.engine.zero_stage, checkpoint.latest(run_dir / "checkpoints")
+    )
+    if info.is_main:
+        kwargs = {"img_size": cfg.model.image_size, "norm_pix_loss": cfg.model.norm_pix_loss}
+        meta = {"name": cfg.model.name, "kwargs": {**kwargs, **cfg.model.kwargs}}
+        (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+        print(f"done: {state.step} steps; weights {weights}", flush=True)
+    return {"step": state.step, "weights": str(weights), "run_dir": str(run_dir)}
+
+
+def load_facemae(run_dir: str | Path) -> torch.nn.Module:
+    """A plain (non-DeepSpeed) FaceMAE with a run's exported weights."""
+    import timm
+    from safetensors.torch import load_file
+
+    import facemae_dist.models.mae  # noqa: F401
+
+    run_dir = Path(run_dir)
+    meta_file = run_dir / "model.json"
+    if not meta_file.is_file():
+        raise FacemaeError(
+            f"{run_dir} has no model.json: pass the folder of a finished `facemae pretrain` run"
+        )
+    meta = json.loads(meta_file.read_text())
+    model = timm.create_model(meta["name"], **meta["kwargs"])
+    model.load_state_dict(load_file(str(run_dir / "facemae.safetensors")))
+    return model.eval()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="facemae pretrain",
+        description="Pretrain FaceMAE (MAE + IRM) on face shards with DeepSpeed ZeRO.",
+        epilog="example:\n  torchrun --nproc_per_node 8 -m facemae_dist.pretrain "
+        "--config configs/mae/vit_b8_casia.yaml run.out_dir=runs/mae-b8 optim.epochs=400",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML under configs/mae/")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.global_batch=512")
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed launcher
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    return run_pretrain(cfg)

@@ -1,0 +1,148 @@
+"""The sharder: layout, pass-through, bad inputs, hold-out splits, byte budget, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import MemorySource, jpeg_bytes, make_source
+
+from facemae_dist.data.shards import ShardOptions, load_manifest, shard_dataset
+from facemae_dist.errors import FacemaeError
+
+
+def opts(**kw) -> ShardOptions:
+    return ShardOptions(progress=False, command="test", **kw)
+
+
+def read_back(split_dir) -> list[dict]:
+    urls = load_manifest(split_dir)["urls"]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def test_layout_passthrough_and_readback(tmp_path, memory_source):
+    manifests = shard_dataset(memory_source, tmp_path, opts(samples_per_shard=8))
+    m = manifests["train"]
+    assert m["num_samples"] == len(memory_source) == 30
+    assert m["num_classes"] == 6 and m["label_map"][0] == "id 0 é"
+    assert [s["file"] for s in m["shards"]] == [f"faces-{i:06d}.tar" for i in range(4)]
+    samples = read_back(tmp_path / "train")
+    assert len(samples) == 30 and len({s["__key__"] for s in samples}) == 30
+    for s in samples:
+        index = json.loads(s["json"])["index"]
+        assert s["jpg"] == memory_source.items[index][1]  # encoded bytes untouched
+        assert int(s["cls"]) == memory_source.items[index][0]
+    listing = subprocess.run(
+        ["tar", "-tf", str(tmp_path / "train" / "faces-000000.tar")], capture_output=True, text=True
+    )
+    assert listing.returncode == 0 and len(listing.stdout.split()) == 3 * 8
+    # deterministic tar: no PAX headers, size = headers + padded data
+    with tarfile.open(tmp_path / "train" / "faces-000000.tar") as tar:
+        assert all(not m.pax_headers and m.mtime == 0 for m in tar.getmembers())
+
+
+def test_bad_inputs_are_skipped_listed_and_valid_ones_kept(tmp_path):
+    good = [
+        (0, jpeg_bytes(1)),
+        (0, jpeg_bytes(2)),
+        (1, jpeg_bytes(3)),
+        (1, jpeg_bytes(4, fmt="PNG")),
+    ]
+    resized = [(1, jpeg_bytes(5, size=128))]
+    bad = [
+        (0, b""),
+        (1, jpeg_bytes(6)[:-300]),
+        (0, b"not an image at all"),
+        (1, b"UNREADABLE"),
+        (0, jpeg_bytes(7, fmt="PNG")[:40]),
+    ]
+    source = MemorySource(good + resized + bad)
+    m = shard_dataset(source, tmp_path, opts(samples_per_shard=3))["train"]
+    assert m["num_samples"] == len(good) + len(resized)
+    reasons = " | ".join(r["reason"] for r in m["rejected"])
+    assert len(m["rejected"]) == len(bad)
+    assert "empty" in reasons and "truncated JPEG" in reasons and "unreadable" in reasons
+    samples = {json.loads(s["json"])["index"]: s for s in read_back(tmp_path / "train")}
+    assert samples[3]["png"] == good[3][1]  # PNG passes through as PNG
+    assert samples[4]["jpg"][:3] == b"\xff\xd8\xff" and samples[4]["jpg"] != resized[0][1]
+    assert wds.autodecode.imagehandler("rgb8")("jpg", samples[4]["jpg"]).shape == (112, 112, 3)
+
+
+def test_strict_stops_and_names_the_input(tmp_path):
+    source = MemorySource([(0, jpeg_bytes(1)), (0, b"garbage bytes")])
+    with pytest.raises(FacemaeError, match="item 1.*--strict"):
+        shard_dataset(source, tmp_path, opts(strict=True))
+
+
+def test_holdout_splits_are_identity_disjoint(tmp_path):
+    source = make_source(num_ids=10, per_id=3)
+    ms = shard_dataset(source, tmp_path, opts(holdout_identities=3, shuffle=True, seed=1))
+    train, unseen = ms["train"], ms["unseen"]
+    assert unseen["num_classes"] == 3 and train["num_classes"] == 7
+    assert not set(train["label_map"]) & set(unseen["label_map"])
+    assert train["num_samples"] + unseen["num_samples"] == 30
+    for split in ("train", "unseen"):
+        labels = {int(s["cls"]) for s in read_back(tmp_path / split)}
+        assert labels == set(range(ms[split]["num_classes"]))  # contiguous per split
+    frac = shard_dataset(source, tmp_path / "f", opts(holdout_fraction=0.2))
+    assert frac["unseen"]["num_classes"] == 2
+
+
+def test_max_shard_bytes_is_respected(tmp_path, memory_source):
+    budget = 64 * 1024
+    m = shard_dataset(memory_source, tmp_path, opts(max_shard_bytes=budget))["train"]
+    assert len(m["shards"]) > 1 and m["num_samples"] == 30
+    assert all(s["bytes"] <= budget for s in m["shards"])
+
+
+def test_resume_repairs_damage_and_matches_uninterrupted(tmp_path, memory_source):
+    ref = shard_dataset(memory_source, tmp_path / "ref", opts(samples_per_shard=4, workers=2))
+    out = tmp_path / "out"
+    shard_dataset(memory_source, out, opts(samples_per_shard=4, workers=2))
+    split = out / "train"
+    (split / "faces-000002.tar").unlink()  # lost shard
+    with open(split / "faces-000004.tar", "r+b") as f:  # damaged shard (sha256 mismatch)
+        f.truncate(2048)
+    (split / "faces-000005.tar.tmp").write_bytes(b"half written")
+    (split / "manifest.json").unlink()
+    with pytest.raises(FacemaeError, match="--resume"):
+        shard_dataset(memory_source, out, opts(samples_per_shard=4))
+    with pytest.raises(FacemaeError, match="different source or options"):
+        shard_dataset(memory_source, out, opts(samples_per_shard=5, resume=True))
+    got = shard_dataset(memory_source, out, opts(samples_per_shard=4, resume=True))
+    assert got["train"]["shards"] == ref["train"]["shards"]
+    assert not list(split.glob("*.tmp"))
+
+
+def test_errors_for_empty_source_and_bad_options(tmp_path):
+    empty = MemorySource([(0, jpeg_bytes(0))])
+    empty.items = []
+    with pytest.raises(FacemaeError, match="no images"):
+        shard_dataset(empty, tmp_path, opts())
+    with pytest.raises(FacemaeError, match="not both"):
+        shard_dataset(make_source(), tmp_path, opts(holdout_identities=1, holdout_fraction=0.1))
+    with pytest.raises(FacemaeError, match="leaves none"):
+        shard_dataset(make_source(), tmp_path, opts(holdout_identities=6))
+    with pytest.raises(FacemaeError, match="no shard manifest"):
+        load_manifest(tmp_path / "nowhere")
+
+
+def test_plan_memory_is_compact():
+    """The plan keeps numpy arrays only: ~16 bytes per image (items + cls), not Python objects."""
+    from facemae_dist.data.shards import plan_splits
+
+    class Big(MemorySource):
+        def __init__(self, n: int) -> None:
+            self._labels = np.arange(n, dtype=np.int64) // 20
+            self._names = [str(i) for i in range(n // 20)]
+            self.description = "big"
+
+        def __len__(self) -> int:
+            return len(self._labels)
+
+    (plan,) = plan_splits(Big(2_000_000), opts(shuffle=True))
+    assert plan.items.nbytes + plan.cls.nbytes == 2_000_000 * 16

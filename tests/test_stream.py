@@ -1,0 +1,88 @@
+"""The streaming loader: batches, equal steps per rank, resume position, truncated shards."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_ranks
+
+from facemae_dist.data.shards import load_manifest
+from facemae_dist.data.stream import BadShardError, FaceStream, make_loader
+
+
+def keys_of(loader) -> list[list[str]]:
+    return [batch["key"] for batch in loader]
+
+
+def test_batches_are_decoded_flipped_and_normalised(sharded_split):
+    stream = FaceStream(sharded_split, 4, flip=True, normalize=True, seed=3)
+    batch = next(iter(make_loader(stream)))
+    assert batch["image"].shape == (4, 3, 112, 112) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert batch["label"].dtype == torch.int64 and len(batch["key"]) == 4
+    raw = next(iter(make_loader(FaceStream(sharded_split, 4, seed=3))))
+    assert raw["image"].dtype == torch.uint8 and raw["key"] == batch["key"]
+    unflipped = raw["image"].float() / 127.5 - 1
+    same = [torch.allclose(unflipped[i], batch["image"][i], atol=1e-5) for i in range(4)]
+    flipped = [
+        torch.allclose(unflipped[i].flip(-1), batch["image"][i], atol=1e-5) for i in range(4)
+    ]
+    assert all(a or b for a, b in zip(same, flipped, strict=True))
+
+
+def test_inference_stream_reads_every_sample_once(sharded_split):
+    stream = FaceStream(sharded_split, 5, repeat=False)
+    keys = [k for batch in keys_of(make_loader(stream, num_workers=2)) for k in batch]
+    assert len(keys) == 28 and len(set(keys)) == 28
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_skips_exactly_the_batches_already_seen(sharded_split, workers):
+    stream = FaceStream(sharded_split, 3, seed=5, shuffle_buffer=10)
+    stream.set_epoch(1)
+    full = keys_of(make_loader(stream, workers))
+    assert len(full) == stream.batches_per_epoch == 28 // 3
+    stream.set_epoch(1, skip_batches=4)
+    assert keys_of(make_loader(stream, workers)) == full[4:]
+    stream.set_epoch(2)
+    assert keys_of(make_loader(stream, workers)) != full  # reshuffled per epoch
+
+
+def test_truncated_shard_is_named_or_skipped(sharded_split):
+    shard = sharded_split / "faces-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:4000])
+    with pytest.raises(BadShardError, match="faces-000003.tar"):
+        keys_of(make_loader(FaceStream(sharded_split, 4, repeat=False)))
+    full = sharded_split / "faces-000002.tar"
+    with tarfile.open(full) as tar:
+        boundary = tar.getmembers()[3].offset  # where the second sample starts
+    shard.write_bytes(full.read_bytes()[:boundary])  # only the manifest count can tell
+    with pytest.raises(BadShardError, match=r"faces-000003.tar ended after 1 of 4"):
+        keys_of(make_loader(FaceStream(sharded_split, 4, repeat=False)))
+    stream = FaceStream(sharded_split, 4, repeat=False, skip_bad_shards=True)
+    with pytest.warns(UserWarning, match="skipping"):
+        keys = [k for b in keys_of(make_loader(stream)) for k in b]
+    assert len(keys) == 24 + 1 and stream.bad_shards == 1  # the sample before the cut is kept
+
+
+def _count_steps(rank: int, world: int, split: str, workers: int) -> tuple[int, list[str]]:
+    stream = FaceStream(split, 2, rank=rank, world_size=world, seed=1)
+    steps, keys = 0, []
+    for batch in make_loader(stream, workers):
+        total = torch.tensor([1.0])
+        dist.all_reduce(total)  # hangs (then times out) if one rank had fewer batches
+        steps += 1
+        keys += batch["key"]
+    return steps, keys
+
+
+@pytest.mark.dist
+def test_two_ranks_get_equal_steps_from_seven_shards(sharded_split):
+    assert len(load_manifest(sharded_split)["shards"]) == 7
+    for workers in (0, 2):
+        (s0, k0), (s1, k1) = run_ranks(_count_steps, str(sharded_split), workers)
+        assert s0 == s1 == 28 // (2 * 2)
+        assert len(set(k0) | set(k1)) >= 20  # most of the data is seen in one epoch
