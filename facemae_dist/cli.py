@@ -4,6 +4,7 @@ library function; errors a user can fix print one clear line and exit with statu
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -126,21 +127,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from facemae_dist.engine.pretrain import main as pretrain_main
+# Training stages own their argument parsers (they are also `python -m facemae_dist.<stage>` and
+# torchrun/accelerate/srun entry points); `facemae <stage> ...` hands them the rest of the line.
+STAGES = {
+    "pretrain": (
+        "facemae_dist.engine.pretrain",
+        "pretrain FaceMAE (MAE + IRM) with DeepSpeed ZeRO",
+    ),
+}
 
-    pretrain_main(args.rest)
+
+def _guarded(name: str, fn: Callable[[], object]) -> int:
+    try:
+        fn()
+    except FacemaeError as exc:
+        print(f"facemae {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"facemae {name}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def run_entry(name: str, fn: Callable[[], object]) -> None:
     """Module entry points (`python -m facemae_dist.<stage>`): same error handling as the CLI."""
-    try:
-        fn()
-    except FacemaeError as exc:
-        print(f"facemae {name}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(0)
+    sys.exit(_guarded(name, fn))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in STAGES.items():
+        sub.add_parser(name, help=f"{help_} (see `facemae {name} --help`)", add_help=False)
     p = _add(
         sub,
         "synth",
@@ -182,19 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        module = importlib.import_module(STAGES[argv[0]][0])
+        return _guarded(argv[0], lambda: module.main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except FacemaeError as exc:
-        print(f"facemae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"facemae {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return _guarded(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

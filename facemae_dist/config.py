@@ -73,8 +73,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise FacemaeError(f"{where}: expected a list, got {value!r}")
         return origin(value)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "5e-3" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise FacemaeError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise FacemaeError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -202,26 +202,29 @@ class FaceStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, num_slots, worker, workers = self._slot()
-        seed = f"{self.seed}/{self.epoch}/{slot}"
-        rng = random.Random(seed)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
         samples = self._shuffled(self._raw_samples(self._slot_shards(slot, num_slots), rng), rng)
-        flip_rng = np.random.default_rng(list(seed.encode()))
         if self.repeat:  # this worker's share of the rank's batches, minus those already seen
             quota = _share(self.batches_per_epoch, worker, workers)
             skip = _share(self.skip_batches, worker, workers)
             for _ in range(skip * self.batch_size):
                 next(samples)
-            for _ in range(quota - skip):
-                yield self._batch([next(samples) for _ in range(self.batch_size)], flip_rng)
+            for index in range(skip, quota):
+                batch = [next(samples) for _ in range(self.batch_size)]
+                yield self._batch(batch, self._flip_rng(slot, index))
             return
         batch: list[dict] = []
         for sample in samples:
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self._batch(batch, flip_rng)
+                yield self._batch(batch, self._flip_rng(slot, 0))
                 batch = []
         if batch:
-            yield self._batch(batch, flip_rng)
+            yield self._batch(batch, self._flip_rng(slot, 0))
+
+    def _flip_rng(self, slot: int, batch_index: int) -> np.random.Generator:
+        """Flips depend only on (seed, epoch, slot, batch): a resumed stream flips identically."""
+        return np.random.default_rng([self.seed, self.epoch, slot, batch_index])
 
 
 def _share(total: int, worker: int, workers: int) -> int:

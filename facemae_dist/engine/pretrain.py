@@ -185,6 +185,7 @@ class MAETask:
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     micro = validate(cfg, dist.detect().world_size)
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg.model)
     info = dist.init()
     device = dist.device(info)
@@ -192,6 +193,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        print(
+            f"facemae pretrain: world size {info.world_size} ({info.launcher}), {device}",
+            flush=True,
+        )
     stream = FaceStream(
         cfg.data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip, normalize=True,
@@ -210,8 +215,44 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         kwargs = {"img_size": cfg.model.image_size, "norm_pix_loss": cfg.model.norm_pix_loss}
         meta = {"name": cfg.model.name, "kwargs": {**kwargs, **cfg.model.kwargs}}
         (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
-        print(f"done: {state.step} steps; weights {weights}", flush=True)
+    diff = verify_export(engine, run_dir, cfg, device)
+    if info.is_main:
+        print(
+            f"done: {state.step} steps; weights {weights} (reload max |diff| {diff:.2e})",
+            flush=True,
+        )
     return {"step": state.step, "weights": str(weights), "run_dir": str(run_dir)}
+
+
+def verify_export(engine, run_dir: Path, cfg: PretrainConfig, device: torch.device) -> float:
+    """Reload the exported weights into a plain model and compare outputs with the engine's.
+
+    All ranks run the engine forward (ZeRO-3 gathers parameters collectively); rank 0 compares and
+    records the largest difference in export.json. A mismatch is an error: the export is unusable.
+    """
+    size = cfg.model.image_size
+    probe = torch.linspace(-1, 1, 2 * 3 * size * size).reshape(2, 3, size, size)
+    gen = torch.Generator().manual_seed(0)
+    masking = engine.module.random_masking(2, cfg.model.mask_ratio, gen)
+    dtype = next(engine.module.parameters()).dtype
+    with torch.no_grad():
+        ref = engine.module(probe.to(device, dtype), masking=masking).pred.float().cpu()
+    diff = 0.0
+    if dist.detect().is_main:
+        plain = load_facemae(run_dir)
+        with torch.no_grad():
+            got = plain(probe, masking=masking).pred
+        diff = float((got - ref).abs().max())
+        (run_dir / "export.json").write_text(
+            json.dumps({"max_abs_diff": diff, "dtype": str(dtype)})
+        )
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        if diff > tol:
+            raise FacemaeError(
+                f"exported weights do not reproduce the trained model (max |diff| {diff})"
+            )
+    dist.barrier()
+    return diff
 
 
 def load_facemae(run_dir: str | Path) -> torch.nn.Module:
