@@ -13,6 +13,7 @@ task extras (partial-FC shards).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -115,23 +116,29 @@ def load_rank_states(path: Path) -> list[dict[str, Any]]:
     return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
 
 
-def export_safetensors(engine, path: Path, zero_stage: int, ckpt: Path | None) -> Path | None:
-    """Consolidated fp32 weights of the engine's module as safetensors (written by rank 0)."""
+@contextlib.contextmanager
+def gathered(engine, zero_stage: int):
+    """Full parameters on every rank inside the block (collective under ZeRO-3, free otherwise)."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield
+
+
+def export_module(engine, path: Path, zero_stage: int) -> Path:
+    """Consolidated fp32 weights of the engine's module as safetensors (collective; rank 0 writes)."""
     from safetensors.torch import save_file
 
-    if zero_stage == 3:
-        if ckpt is None:
-            raise FacemaeError("exporting ZeRO-3 weights needs a checkpoint to consolidate")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = None
+    with gathered(engine, zero_stage):
         if dist.detect().is_main:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:
-        state = engine.module.state_dict() if dist.detect().is_main else None
-    if dist.detect().is_main:
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path))
+            state = engine.module.state_dict()
+            tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in state.items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
     dist.barrier()
     return path

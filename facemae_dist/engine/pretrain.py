@@ -208,9 +208,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     task = MAETask(cfg, build_irm(cfg.irm, device), device, info.rank)
     state = fit(engine, task, stream, cfg.run, cfg.engine.grad_accum)
     weights = run_dir / "facemae.safetensors"
-    checkpoint.export_safetensors(
-        engine, weights, cfg.engine.zero_stage, checkpoint.latest(run_dir / "checkpoints")
-    )
+    checkpoint.export_module(engine, weights, cfg.engine.zero_stage)
     if info.is_main:
         kwargs = {"img_size": cfg.model.image_size, "norm_pix_loss": cfg.model.norm_pix_loss}
         meta = {"name": cfg.model.name, "kwargs": {**kwargs, **cfg.model.kwargs}}
@@ -235,7 +233,7 @@ def verify_export(engine, run_dir: Path, cfg: PretrainConfig, device: torch.devi
     gen = torch.Generator().manual_seed(0)
     masking = engine.module.random_masking(2, cfg.model.mask_ratio, gen)
     dtype = next(engine.module.parameters()).dtype
-    with torch.no_grad():
+    with torch.no_grad(), checkpoint.gathered(engine, cfg.engine.zero_stage):
         ref = engine.module(probe.to(device, dtype), masking=masking).pred.float().cpu()
     diff = 0.0
     if dist.detect().is_main:

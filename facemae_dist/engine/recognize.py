@@ -1,0 +1,315 @@
+"""Recognition training: a data-parallel backbone under DeepSpeed ZeRO and a model-parallel
+partial-FC margin head beside it, on the shared loop (checkpoints, resume, signals, NaN guard).
+
+The recognizer trained here is what users train on released faces, and also the IRM teacher and
+the privacy auditor. Outputs in RUN: backbone.safetensors + model.json (+ backbone.onnx), best.*
+when pair sets are configured, checkpoints/ with every head shard and its class range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facemae_dist import dist
+from facemae_dist.config import load_config, save_config
+from facemae_dist.data.shards import load_manifest
+from facemae_dist.data.stream import FaceStream
+from facemae_dist.engine import checkpoint
+from facemae_dist.engine.loop import (
+    EngineConfig,
+    OptimConfig,
+    RunConfig,
+    build_engine,
+    fit,
+    total_steps_for,
+)
+from facemae_dist.errors import FacemaeError
+
+
+@dataclass
+class RecogDataConfig:
+    train: str = ""  # split folder written by `facemae shard` / `facemae reconstruct`
+    global_batch: int = 512
+    num_classes: int = 0  # 0: from the manifest; otherwise it must match the manifest
+    shuffle_buffer: int = 2000
+    flip: bool = True
+    skip_bad_shards: bool = False
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "iresnet50"  # see facemae_dist.models.backbones.list_backbones()
+    embedding_size: int = 512
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    sample_rate: float = (
+        1.0  # partial FC: share of negative class centres per step (0.1–0.3 at 1M+)
+    )
+    margin: str = "arcface"  # arcface | cosface | combined | softmax
+    scale: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    optimizer: str = "sgd"  # sgd | adamw: the head's own, never synchronised across ranks
+    lr_scale: float = 1.0  # head lr = backbone lr × lr_scale (follows the same schedule)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class EvalConfig:
+    pairs: list[str] = field(
+        default_factory=list
+    )  # .bin pair sets (lfw.bin, cfp_fp.bin, own pairs)
+    every: int = 0  # verify every N steps (0: only at the end)
+    batch_size: int = 64
+
+
+@dataclass
+class RecogConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: RecogDataConfig = field(default_factory=RecogDataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            base_lr=0.05, optimizer="sgd", weight_decay=5e-4, schedule="poly"
+        )
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export_onnx: bool = True
+
+
+# ---------------------------------------------------------------- validation and building
+
+
+def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
+    """Fail before any process group starts; returns (micro-batch per rank, num_classes)."""
+    per_step = world_size * cfg.engine.grad_accum
+    if cfg.data.global_batch % per_step:
+        raise FacemaeError(
+            f"data.global_batch {cfg.data.global_batch} is not divisible by ranks × engine.grad_accum "
+            f"= {world_size} × {cfg.engine.grad_accum}: choose a multiple of {per_step}"
+        )
+    manifest = load_manifest(cfg.data.train)
+    classes = manifest["num_classes"]
+    if cfg.data.num_classes and cfg.data.num_classes != classes:
+        raise FacemaeError(
+            f"data.num_classes={cfg.data.num_classes} but {cfg.data.train} holds {classes} identities: "
+            "remove data.num_classes (it is read from the manifest) or point data.train elsewhere"
+        )
+    for path in cfg.eval.pairs:
+        if not Path(path).is_file():
+            raise FacemaeError(f"eval.pairs: {path} not found (make one with `facemae make-pairs`)")
+    if not 0.0 < cfg.head.sample_rate <= 1.0:
+        raise FacemaeError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
+    return cfg.data.global_batch // per_step, classes
+
+
+def build_head(
+    cfg: HeadConfig, embedding_size: int, num_classes: int, device: torch.device, seed: int
+):
+    from facemae_dist.losses.partial_fc import PartialFC, PartialFCOptimizer
+
+    head = PartialFC(
+        embedding_size, num_classes, cfg.sample_rate, cfg.margin, cfg.scale, cfg.m1, cfg.m2, cfg.m3,
+        compensate_dp_mean=True, seed=seed,
+    ).to(device)  # fmt: skip
+    opt = PartialFCOptimizer(
+        head, cfg.optimizer, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    return head, opt
+
+
+class RecogTask:
+    """Backbone embeddings → partial-FC loss; the head steps itself after each optimizer step."""
+
+    def __init__(self, cfg: RecogConfig, head, head_opt, device: torch.device) -> None:
+        self.cfg, self.head, self.head_opt, self.device = cfg, head, head_opt, device
+        self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+        self.engine = None  # set by run_recognition (verification needs the backbone)
+        self.pair_sets = None
+        self.best = -1.0
+        self.history: list[dict[str, Any]] = []
+
+    def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"].to(self.device, self.dtype, non_blocking=True)
+        embeddings = engine(images)
+        loss = self.head(embeddings, batch["label"].to(self.device))
+        return {"loss": loss}
+
+    def after_step(self, step: int, lr: float) -> None:
+        for group in self.head_opt.param_groups:
+            group["lr"] = lr * self.cfg.head.lr_scale
+        self.head_opt.step()
+        self.head_opt.zero_grad()
+        if self.cfg.eval.every and step % self.cfg.eval.every == 0:
+            self.verify(step)
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"head": self.head.local_state_dict(), "best": self.best}
+
+    def load_rank_states(self, states: list[dict[str, Any]]) -> None:
+        self.head.load_sharded([s["head"] for s in states])  # re-shards if the world size changed
+        self.best = max(s.get("best", -1.0) for s in states)
+
+    def visualize(self, engine, batch: dict[str, Any], path: Path) -> None:
+        pass  # nothing to draw for a recognizer; verification results go to the metrics log
+
+    def verify(self, step: int) -> dict[str, Any] | None:
+        """Verification on the configured pair sets; keeps the best backbone (by mean accuracy)."""
+        if not self.cfg.eval.pairs:
+            return None
+        from facemae_dist.data.sources import load_pair_set
+        from facemae_dist.eval.verification import verify_pair_set
+
+        self.pair_sets = self.pair_sets or [load_pair_set(p) for p in self.cfg.eval.pairs]
+        module = self.engine.module
+        module.eval()
+        with checkpoint.gathered(self.engine, self.cfg.engine.zero_stage):
+            results = [
+                verify_pair_set(module, ps, self.cfg.eval.batch_size, self.device)
+                for ps in self.pair_sets
+            ]
+        module.train()
+        record = {
+            "step": step,
+            **{r.name: {"acc": r.accuracy, "std": r.std, "tar@far": r.tar_at_far} for r in results},
+        }
+        self.history.append(record)
+        mean = sum(r.accuracy for r in results) / len(results)
+        if dist.detect().is_main:
+            print(
+                "verify " + " ".join(f"{r.name} {r.accuracy:.4f}±{r.std:.4f}" for r in results),
+                flush=True,
+            )
+        if mean > self.best:
+            self.best = mean
+            export_backbone(self.engine, self.cfg, Path(self.cfg.run.out_dir) / "best.safetensors")
+        return record
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_backbone(engine, cfg: RecogConfig, path: Path) -> Path:
+    """Consolidated backbone weights (+ model.json describing the architecture) from any ZeRO stage."""
+    checkpoint.export_module(engine, path, cfg.engine.zero_stage)
+    if dist.detect().is_main:
+        meta = {
+            "backbone": cfg.backbone.name,
+            "embedding_size": cfg.backbone.embedding_size,
+            "kwargs": cfg.backbone.kwargs,
+        }
+        (path.parent / "model.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def load_recognizer(path: str | Path) -> torch.nn.Module:
+    """A plain backbone from a `facemae train` export (.safetensors with model.json beside it)."""
+    from safetensors.torch import load_file
+
+    from facemae_dist.models.backbones import build_backbone
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "backbone.safetensors"
+    meta_file = path.parent / "model.json"
+    if not path.is_file() or not meta_file.is_file():
+        raise FacemaeError(
+            f"{path}: no recognizer export here; pass the .safetensors written by `facemae train`"
+        )
+    meta = json.loads(meta_file.read_text())
+    model = build_backbone(meta["backbone"], meta["embedding_size"], **meta.get("kwargs", {}))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- entry
+
+
+def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
+    from facemae_dist.models.backbones import build_backbone
+
+    micro, num_classes = validate(cfg, dist.detect().world_size)
+    torch.manual_seed(cfg.run.seed)
+    backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_size, **cfg.backbone.kwargs)
+    info = dist.init()
+    device = dist.device(info)
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(
+            f"facemae train: world size {info.world_size} ({info.launcher}), {device}, {num_classes} classes",
+            flush=True,
+        )
+    stream = FaceStream(
+        cfg.data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip, normalize=True,
+        skip_bad_shards=cfg.data.skip_bad_shards,
+    )  # fmt: skip
+    steps_per_epoch = max(1, stream.batches_per_epoch // cfg.engine.grad_accum)
+    total = total_steps_for(cfg.run, steps_per_epoch)
+    engine = build_engine(backbone, cfg.optim, cfg.engine, micro, total, steps_per_epoch)
+    head, head_opt = build_head(
+        cfg.head, cfg.backbone.embedding_size, num_classes, device, cfg.run.seed
+    )
+    task = RecogTask(cfg, head, head_opt, device)
+    task.engine = engine
+    state = fit(engine, task, stream, cfg.run, cfg.engine.grad_accum)
+    final = task.verify(state.step)
+    weights = export_backbone(engine, cfg, run_dir / "backbone.safetensors")
+    result = {
+        "step": state.step,
+        "weights": str(weights),
+        "run_dir": str(run_dir),
+        "verification": final,
+    }
+    if info.is_main:
+        if cfg.export_onnx:
+            result["onnx_max_rel_diff"] = _export_onnx(weights)
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        print(f"done: {state.step} steps; weights {weights}", flush=True)
+    dist.barrier()
+    return result
+
+
+def _export_onnx(weights: Path) -> float | None:
+    from facemae_dist.models.backbones import export_onnx
+
+    try:
+        return export_onnx(load_recognizer(weights), weights.with_suffix(".onnx"))
+    except FacemaeError as exc:  # onnx/onnxruntime missing: the safetensors export still stands
+        print(f"ONNX export skipped: {exc}", flush=True)
+        return None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="facemae train",
+        description="Train a face recognizer (backbone + partial-FC margin head) on face shards.",
+        epilog="example:\n  torchrun --nproc_per_node 8 -m facemae_dist.train "
+        "--config configs/recog/r50_casia.yaml run.out_dir=runs/r50",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML under configs/recog/")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. head.sample_rate=0.2")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    return run_recognition(load_config(RecogConfig, args.config, args.overrides))
