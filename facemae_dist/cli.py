@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from facemae_dist.errors import FacemaeError
 
@@ -127,12 +129,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from facemae_dist.demo import run_sweep
+
+    run_sweep(args.out, args.mask_ratios)
+    return 0
+
+
+def cmd_make_pairs(args: argparse.Namespace) -> int:
+    from facemae_dist.eval.verification import make_pairs
+
+    summary = make_pairs(args.shards, args.out, args.pairs, args.seed)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from facemae_dist.data.sources import load_pair_set
+    from facemae_dist.engine.recognize import load_recognizer
+    from facemae_dist.eval.verification import verify_pair_set
+    from facemae_dist.progress import console
+
+    model = load_recognizer(args.model)
+    table = Table(title=f"verification: {args.model}")
+    for col in ("pair set", "pairs", "accuracy", "± std", "TAR@FAR=1e-3", "threshold"):
+        table.add_column(col, justify="left" if col == "pair set" else "right")
+    results = {}
+    for path in args.pairs:
+        r = verify_pair_set(model, load_pair_set(path), args.batch_size)
+        results[Path(path).stem] = {"acc": r.accuracy, "std": r.std, "tar@far": r.tar_at_far}
+        row = (f"{r.accuracy:.4f}", f"{r.std:.4f}", f"{r.tar_at_far:.4f}", f"{r.threshold:.2f}")
+        table.add_row(Path(path).stem, str(r.num_pairs), *row)
+    console.print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 # Training stages own their argument parsers (they are also `python -m facemae_dist.<stage>` and
 # torchrun/accelerate/srun entry points); `facemae <stage> ...` hands them the rest of the line.
 STAGES = {
-    "pretrain": (
-        "facemae_dist.engine.pretrain",
-        "pretrain FaceMAE (MAE + IRM) with DeepSpeed ZeRO",
+    "pretrain": ("facemae_dist.engine.pretrain", "pretrain FaceMAE (MAE + IRM), DeepSpeed ZeRO"),
+    "train": ("facemae_dist.engine.recognize", "train a recognizer (backbone + partial-FC head)"),
+    "reconstruct": (
+        "facemae_dist.engine.reconstruct",
+        "release unseen faces: FaceMAE or a baseline",
+    ),
+    "audit": (
+        "facemae_dist.eval.privacy",
+        "privacy leakage: retrieve released faces against the originals",
     ),
 }
 
@@ -191,6 +238,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--quick", action="store_true", help="a smaller run for CI (minutes)")
+    p = _add(
+        sub,
+        "sweep",
+        "repeat release → train → verify → audit across mask ratios (after a demo)",
+        "facemae sweep --out runs/demo --mask-ratios 0.5 0.6 0.75 0.9",
+        cmd_sweep,
+    )
+    p.add_argument("--out", default="runs/demo", help="a finished demo run directory")
+    p.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5, 0.6, 0.75, 0.9])
+    p = _add(
+        sub,
+        "make-pairs",
+        "build a .bin verification pair set (10 folds) from a shard split",
+        "facemae make-pairs shards_eval/train eval_pairs.bin --pairs 6000 --seed 0",
+        cmd_make_pairs,
+    )
+    p.add_argument("shards", help="split folder (manifest.json + shards)")
+    p.add_argument("out", help="output .bin (lfw.bin layout)")
+    p.add_argument(
+        "--pairs", type=int, default=6000, help="number of pairs (half same, half different)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p = _add(
+        sub,
+        "eval",
+        "10-fold verification of a recognizer on .bin pair sets (LFW protocol)",
+        "facemae eval --model runs/r50/backbone.safetensors --pairs lfw.bin cfp_fp.bin agedb_30.bin",
+        cmd_eval,
+    )
+    p.add_argument(
+        "--model", required=True, help="backbone.safetensors from `facemae train` (or its folder)"
+    )
+    p.add_argument("--pairs", nargs="+", required=True, help=".bin pair sets")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="write the results as JSON")
     return parser
 
 

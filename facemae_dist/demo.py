@@ -1,8 +1,14 @@
 """`facemae demo`: the main job on the embedded synthetic faces, through the same launchers a
-cluster user runs (the `facemae` CLI, torchrun with 2 local gloo processes). No network, no GPU.
+cluster user runs (the `facemae` CLI for data stages, torchrun with 2 local gloo processes for the
+distributed ones). No network, no GPU. The demo is small configs, not a second implementation.
 
-Stages so far: synthesize + shard (seen / unseen / evaluation identities, disjoint) → read the
-shards back → pretrain FaceMAE (2 processes, DeepSpeed ZeRO-2) → reconstruction grid.
+1. synthesize faces; shard into seen / unseen / evaluation identities (disjoint)
+2. train a recognizer on seen identities (the IRM teacher and the privacy auditor)
+3. pretrain FaceMAE on seen identities with IRM, and MSE-only (the ablation)
+4. release the unseen identities: original, masked, blur, noise, FaceMAE-MSE, FaceMAE-IRM
+5. train one recognizer per released set (same recipe)
+6. verify each on pairs of the evaluation identities; audit each released set's leakage
+7. report: table, report.json, report.md, a face grid and a privacy–utility plot
 """
 
 from __future__ import annotations
@@ -12,159 +18,260 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facemae_dist.errors import FacemaeError
 from facemae_dist.progress import console
 
+BASELINES = ("masked", "blur", "noise")
+METHODS = ("original", *BASELINES, "facemae_mse", "facemae_irm")
+
 
 @dataclass(frozen=True)
 class DemoSize:
-    seen: str  # IDSxPER for the seen+unseen pool
-    holdout: int  # identities moved to `unseen`
+    pool: str  # IDSxPER of seen + unseen identities
+    holdout: int  # identities moved to `unseen` (released)
     evaluation: str  # IDSxPER of evaluation identities (another seed: other people)
+    pairs: int
+    teacher_steps: int
     pretrain_steps: int
-    global_batch: int
+    recog_steps: int
+    recog_batch: int = 64
+    mae_batch: int = 32
 
 
-QUICK = DemoSize(seen="60x10", holdout=12, evaluation="20x10", pretrain_steps=30, global_batch=32)
-FULL = DemoSize(seen="300x20", holdout=60, evaluation="100x20", pretrain_steps=400, global_batch=64)
+QUICK = DemoSize("50x8", 24, "24x8", 400, teacher_steps=30, pretrain_steps=20, recog_steps=20)
+FULL = DemoSize(
+    "300x16", 150, "100x10", 2000, teacher_steps=300, pretrain_steps=300, recog_steps=250
+)
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    """Run one stage as its own process (as a user would), tee-ing output to the run log."""
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise FacemaeError(
-            f"stage failed: {' '.join(cmd[:6])} ... (exit {done.returncode}); see {log}"
+class Demo:
+    """One demo run folder; every stage is a separate process started like a user would."""
+
+    def __init__(self, out: Path, size: DemoSize, mask_ratio: float = 0.75) -> None:
+        self.out, self.size, self.mask_ratio = out, size, mask_ratio
+        self.log = out / "demo.log"
+        self.port = 29400 + os.getpid() % 400
+
+    # ------------------------------------------------------------ process helpers
+
+    def run(self, *cmd: str) -> None:
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        with open(self.log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise FacemaeError(
+                f"stage failed (exit {done.returncode}): {' '.join(cmd[:8])} ...; see {self.log}"
+            )
+
+    def facemae(self, *args: str) -> None:
+        self.run(_bin("facemae"), *args)
+
+    def torchrun(self, module: str, *args: str) -> None:
+        self.port += 1
+        self.run(
+            _bin("torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(self.port),
+            "-m",
+            module,
+            *args,
         )
+
+    # ------------------------------------------------------------ stages
+
+    def data(self) -> None:
+        s, out = self.size, self.out
+        common = [
+            "--format",
+            "synthetic",
+            "--samples-per-shard",
+            "64",
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+        self.facemae(
+            "shard",
+            f"{s.pool}:0",
+            str(out / "shards"),
+            "--holdout-identities",
+            str(s.holdout),
+            *common,
+        )
+        self.facemae("shard", f"{s.evaluation}:1000", str(out / "shards_eval"), *common)
+        self.facemae(
+            "make-pairs", str(out / "shards_eval/train"), str(self.pairs), "--pairs", str(s.pairs)
+        )
+
+    @property
+    def pairs(self) -> Path:
+        return self.out / "eval_pairs.bin"
+
+    def recognizer(self, train_split: Path, run_dir: Path, steps: int) -> None:
+        self.torchrun(
+            "facemae_dist.train", "--config", str(_configs() / "recog/tiny_cpu.yaml"),
+            f"data.train={train_split}", f"run.out_dir={run_dir}", f"run.max_steps={steps}",
+            f"data.global_batch={self.size.recog_batch}", f"eval.pairs=[{self.pairs}]",
+            f"run.ckpt_every={max(10, steps // 2)}", "export_onnx=false",
+        )  # fmt: skip
+
+    def pretrain(self, run_dir: Path, irm: bool) -> None:
+        teacher = ["irm.weight=1.0", f"irm.teacher={self.out / 'teacher/backbone.safetensors'}"]
+        self.torchrun(
+            "facemae_dist.pretrain", "--config", str(_configs() / "mae/tiny_cpu.yaml"),
+            f"data.train={self.out / 'shards/train'}", f"run.out_dir={run_dir}",
+            f"run.max_steps={self.size.pretrain_steps}", f"data.global_batch={self.size.mae_batch}",
+            f"model.mask_ratio={self.mask_ratio}", "irm.teacher_arch=tiny", "irm.teacher_embedding=128",
+            f"run.ckpt_every={max(10, self.size.pretrain_steps // 2)}",
+            *(teacher if irm else ["irm.weight=0"]),
+        )  # fmt: skip
+
+    def release(self, method: str, tag: str) -> Path:
+        out = self.out / f"released_{tag}" / method
+        args = [
+            "reconstruct",
+            str(self.out / "shards/unseen"),
+            str(out),
+            "--mask-ratio",
+            str(self.mask_ratio),
+        ]
+        if method.startswith("facemae"):
+            args += [
+                "--method",
+                "facemae",
+                "--model",
+                str(self.out / method.replace("facemae_", "mae_")),
+            ]
+        else:
+            args += ["--method", method]
+        self.facemae(*args, "--no-progress")
+        return out
+
+    def audit(self, released: Path, model: Path) -> dict:
+        report = released.parent / f"audit_{released.name}.json"
+        gallery = [str(self.out / "shards/unseen"), str(self.out / "shards_eval/train")]
+        self.facemae("audit", str(released), *gallery, "--model", str(model), "--out", str(report))
+        return json.loads(report.read_text())
+
+    def evaluate_method(self, method: str, tag: str) -> dict:
+        released = self.release(method, tag)
+        run_dir = self.out / f"recog_{tag}" / method
+        self.recognizer(released, run_dir, self.size.recog_steps)
+        verification = json.loads((run_dir / "result.json").read_text())["verification"]
+        pair_name = next(k for k in verification if k != "step")
+        leak = self.audit(released, self.out / "teacher/backbone.safetensors")
+        return {
+            "method": method,
+            **verification[pair_name],
+            **{f"leak_{k}": v for k, v in leak.items()},
+        }
 
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def stage_shards(out: Path, size: DemoSize, log: Path) -> None:
-    shard = [
-        _bin("facemae"),
-        "shard",
-        "--format",
-        "synthetic",
-        "--samples-per-shard",
-        "100",
-        "--no-progress",
-    ]
-    _run(
-        [
-            *shard,
-            f"{size.seen}:0",
-            str(out / "shards"),
-            "--holdout-identities",
-            str(size.holdout),
-            "--workers",
-            "2",
-        ],
-        log,
-    )
-    _run([*shard, f"{size.evaluation}:1000", str(out / "shards_eval"), "--workers", "2"], log)
-
-
-def stage_readback(out: Path) -> dict:
-    from facemae_dist.data.stream import FaceStream, make_loader
-
-    summary = {}
-    for split, path in (
-        ("seen", out / "shards/train"),
-        ("unseen", out / "shards/unseen"),
-        ("eval", out / "shards_eval/train"),
-    ):
-        stream = FaceStream(path, 64, repeat=False)
-        images = sum(len(b["key"]) for b in make_loader(stream))
-        summary[split] = {
-            "images": images,
-            "identities": stream.manifest["num_classes"],
-            "shards": len(stream.urls),
-        }
-    return summary
-
-
-def stage_pretrain(out: Path, size: DemoSize, log: Path) -> Path:
-    run_dir = out / "mae_mse"
-    cmd = [
-        _bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500),
-        "-m", "facemae_dist.pretrain", "--config", str(_configs() / "mae/tiny_cpu.yaml"),
-        f"data.train={out / 'shards/train'}", f"run.out_dir={run_dir}",
-        f"run.max_steps={size.pretrain_steps}", f"data.global_batch={size.global_batch}",
-        f"run.ckpt_every={max(10, size.pretrain_steps // 4)}", "irm.weight=0",
-    ]  # fmt: skip
-    _run(cmd, log)
-    return run_dir
-
-
 def _configs() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
+def _timed(name: str, fn: Callable, timings: dict):
+    t0 = time.perf_counter()
+    console.print(f"[bold]▶ {name}[/bold]")
+    result = fn()
+    timings[name] = round(time.perf_counter() - t0, 1)
+    console.print(f"  done in {timings[name]} s")
+    return result
+
+
 def run_demo(out_dir: str, quick: bool = False) -> dict:
+    """Steps 1–7 (see the module docstring); returns the report dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "demo.log"
     size = QUICK if quick else FULL
-    timings, start = {}, time.perf_counter()
-    steps = [
-        ("synthesize + shard", lambda: stage_shards(out, size, log)),
-        ("read shards back", lambda: stage_readback(out)),
-        ("pretrain FaceMAE (2 processes, ZeRO-2)", lambda: stage_pretrain(out, size, log)),
+    demo, timings, start = Demo(out, size), {}, time.perf_counter()
+    _timed("1 synthesize + shard + pairs", demo.data, timings)
+    _timed(
+        "2 teacher recognizer (seen ids)",
+        lambda: demo.recognizer(out / "shards/train", out / "teacher", size.teacher_steps),
+        timings,
+    )
+    _timed("3a pretrain FaceMAE + IRM", lambda: demo.pretrain(out / "mae_irm", irm=True), timings)
+    _timed(
+        "3b pretrain FaceMAE, MSE only", lambda: demo.pretrain(out / "mae_mse", irm=False), timings
+    )
+    rows = [
+        _timed(
+            f"4-6 {m}: release, train, verify, audit",
+            lambda m=m: demo.evaluate_method(m, "0.75"),
+            timings,
+        )
+        for m in METHODS
     ]
-    results = {}
-    for name, fn in steps:
-        t0 = time.perf_counter()
-        console.print(f"[bold]▶ {name}[/bold]")
-        results[name] = fn()
-        timings[name] = round(time.perf_counter() - t0, 1)
-        console.print(f"  done in {timings[name]} s")
+    from facemae_dist.report import write_demo_report
+
     report = {
-        "splits": results["read shards back"],
-        "pretrain": _pretrain_summary(results["pretrain FaceMAE (2 processes, ZeRO-2)"]),
+        "size": asdict(size),
+        "mask_ratio": demo.mask_ratio,
+        "rows": add_error_reduction(rows),
         "timings_s": timings,
         "total_s": round(time.perf_counter() - start, 1),
+        "machine": _machine(),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    _print_report(report, out)
+    write_demo_report(report, out)
     return report
 
 
-def _pretrain_summary(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    images = sorted((run_dir / "images").glob("*.png"))
-    return {
-        "steps": records[-1]["step"],
-        "first_loss": records[0]["loss"],
-        "last_loss": records[-1]["loss"],
-        "grid": str(images[-1]) if images else None,
-    }
+def add_error_reduction(rows: list[dict]) -> list[dict]:
+    """Relative verification-error reduction of each method vs the best privacy baseline."""
+    best = min(1 - r["acc"] for r in rows if r["method"] in BASELINES)
+    for r in rows:
+        r["error_reduction_vs_best_baseline"] = (best - (1 - r["acc"])) / best if best > 0 else 0.0
+    return rows
 
 
-def _print_report(report: dict, out: Path) -> None:
-    from rich.table import Table
+def run_sweep(out_dir: str, mask_ratios: list[float]) -> dict:
+    """Steps 4–6 across mask ratios on a finished demo folder; draws the privacy–utility curve."""
+    out = Path(out_dir)
+    if (
+        not (out / "teacher/backbone.safetensors").is_file()
+        or not (out / "mae_irm/model.json").is_file()
+    ):
+        raise FacemaeError(f"{out} holds no finished demo: run `facemae demo --out {out}` first")
+    size = QUICK if json.loads((out / "report.json").read_text())["size"] == asdict(QUICK) else FULL
+    curves, timings = {}, {}
+    for ratio in mask_ratios:
+        demo = Demo(out, size, ratio)
+        for method in ("masked", "facemae_mse", "facemae_irm"):
+            row = _timed(
+                f"{method} @ {ratio}",
+                lambda d=demo, m=method, r=ratio: d.evaluate_method(m, f"{r}"),
+                timings,
+            )
+            curves.setdefault(method, []).append({"mask_ratio": ratio, **row})
+    from facemae_dist.report import write_sweep_report
 
-    table = Table(title="facemae demo")
-    table.add_column("split")
-    table.add_column("images", justify="right")
-    table.add_column("identities", justify="right")
-    table.add_column("shards", justify="right")
-    for split, s in report["splits"].items():
-        table.add_row(split, str(s["images"]), str(s["identities"]), str(s["shards"]))
-    console.print(table)
-    p = report["pretrain"]
-    console.print(
-        f"FaceMAE pretraining: {p['steps']} steps, loss {p['first_loss']:.3f} → {p['last_loss']:.3f}; "
-        f"grid {p['grid']}"
-    )
-    console.print(f"report: {out / 'report.json'}  (total {report['total_s']} s)")
+    report = {"curves": curves, "timings_s": timings}
+    write_sweep_report(report, out)
+    return report
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}"

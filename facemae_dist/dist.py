@@ -80,10 +80,15 @@ def device(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init(timeout_s: int = 600) -> DistInfo:
-    """Start the process group (also for a single process: DeepSpeed expects one)."""
+def init(timeout_s: int = 600, use_deepspeed: bool = True) -> DistInfo:
+    """Start the process group (also for a single process when DeepSpeed will need one)."""
     info = detect()
     _export_env(info)
+    if torch_dist.is_initialized():
+        return info
+    if not use_deepspeed:  # inference stages: plain torch.distributed, no DeepSpeed import
+        torch_dist.init_process_group(backend(), timeout=timedelta(seconds=timeout_s))
+        return info
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -92,13 +97,12 @@ def init(timeout_s: int = 600) -> DistInfo:
     if not torch.cuda.is_available():
         # DeepSpeed would JIT-compile a shared-memory comm op (~100 s) on the first CPU init
         deepspeed.ops.__compatible_ops__ = {}
-    if not torch_dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend(),
-            auto_mpi_discovery=False,
-            timeout=timedelta(seconds=timeout_s),
-            verbose=False,
-        )
+    deepspeed.init_distributed(
+        dist_backend=backend(),
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=timeout_s),
+        verbose=False,
+    )
     return info
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,3 +34,127 @@ def save_grid(rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[s
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+# ---------------------------------------------------------------- demo report
+
+_COLUMNS = [
+    ("method", "method", "{}"),
+    ("acc", "verification acc", "{:.4f}"),
+    ("std", "± std", "{:.4f}"),
+    ("error_reduction_vs_best_baseline", "error reduction vs best baseline", "{:+.1%}"),
+    ("leak_top1", "leakage top-1", "{:.3f}"),
+    ("leak_top5", "leakage top-5", "{:.3f}"),
+    ("leak_source_top1", "own image ranked first", "{:.3f}"),
+]
+
+
+def _cells(row: dict) -> list[str]:
+    return [fmt.format(row[key]) if key in row else "—" for key, _, fmt in _COLUMNS]
+
+
+def demo_table_markdown(rows: list[dict]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in _COLUMNS) + " |"
+    rule = "|" + "---|" * len(_COLUMNS)
+    return "\n".join([head, rule, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
+
+
+def print_demo_table(rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    from facemae_dist.progress import console
+
+    table = Table(title=title)
+    for _, header, _ in _COLUMNS:
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    console.print(table)
+
+
+def released_faces_grid(
+    out: Path, tag: str, methods: Sequence[str], path: Path, n: int = 8
+) -> Path | None:
+    """The same unseen faces as each released set shows them (matched by their source key)."""
+    from facemae_dist.data.shards import load_manifest
+    from facemae_dist.data.stream import decode_face, normalize, read_shard
+
+    faces: dict[str, dict[str, torch.Tensor]] = {}
+    for method in methods:
+        split = out / f"released_{tag}" / method
+        manifest = load_manifest(split)
+        for sample in read_shard(manifest["urls"][0]):
+            meta = json.loads(sample["json"])
+            if meta.get("copy", 0) == 0:
+                faces.setdefault(method, {})[meta["source_key"]] = normalize(decode_face(sample))
+    keys = sorted(set.intersection(*(set(f) for f in faces.values())))[:n]
+    if not keys:
+        return None
+    rows = [torch.stack([faces[m][k] for k in keys]) for m in methods]
+    return save_grid(rows, path, list(methods))
+
+
+def privacy_utility_plot(
+    points: dict[str, list[tuple[float, float, str]]], path: Path, title: str
+) -> Path:
+    """Scatter/curves: x = leakage (top-1 retrieval, lower is more private), y = verification accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for name, pts in points.items():
+        xs, ys, labels = zip(*pts, strict=True)
+        ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=name)
+        for x, y, label in pts:
+            if label:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("privacy leakage: top-1 identity retrieval (lower is better)")
+    ax.set_ylabel("verification accuracy, unseen-trained recognizer")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_demo_report(report: dict, out: Path) -> None:
+    rows = report["rows"]
+    grid = released_faces_grid(
+        out, "0.75", ["original", "masked", "facemae_mse", "facemae_irm"], out / "faces_grid.png"
+    )
+    points = {r["method"]: [(r.get("leak_top1", 0.0), r["acc"], "")] for r in rows}
+    plot = privacy_utility_plot(
+        points, out / "privacy_utility.png", f"mask ratio {report['mask_ratio']}"
+    )
+    report["pictures"] = {"grid": str(grid) if grid else None, "plot": str(plot)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    md = [
+        "# facemae demo report",
+        f"Machine: {report['machine']}; total {report['total_s']} s; mask ratio {report['mask_ratio']}.",
+        "",
+        demo_table_markdown(rows),
+        "",
+        "![faces](faces_grid.png)",
+        "![privacy-utility](privacy_utility.png)",
+    ]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    print_demo_table(rows, f"facemae demo ({report['total_s']} s)")
+    print(f"report: {out / 'report.md'}  pictures: {grid}, {plot}")
+
+
+def write_sweep_report(report: dict, out: Path) -> None:
+    points = {
+        method: [(r.get("leak_top1", 0.0), r["acc"], f"{r['mask_ratio']:g}") for r in rows]
+        for method, rows in report["curves"].items()
+    }
+    plot = privacy_utility_plot(points, out / "sweep_privacy_utility.png", "mask-ratio sweep")
+    (out / "sweep.json").write_text(json.dumps(report, indent=1))
+    for method, rows in report["curves"].items():
+        print_demo_table(
+            [{**r, "method": f"{method} @ {r['mask_ratio']:g}"} for r in rows], f"sweep: {method}"
+        )
+    print(f"curve: {plot}")

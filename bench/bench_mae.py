@@ -1,0 +1,296 @@
+"""Benchmarks for the pretraining model and loss, each against a baseline measured in the same run.
+
+1. MAE forward+backward images/s: ``FaceMAE`` (facemae_dist.models.mae) vs a straightforward reference
+   layout written here after the structure of facebookresearch/mae (conv patch embedding over all
+   patches, position embedding added before masking, ``torch.gather`` with an index expanded over the
+   width, mask tokens concatenated then unshuffled with another expanded gather, loss over all patches
+   weighted by the mask). Same dimensions, same timm blocks, same weights, same masks.
+2. IRM overhead: step time of MAE + IRM (small CNN teacher) vs MSE only, same batch.
+
+Run: ``python bench/bench_mae.py`` (about 1.5 minutes; ``--quick``: fewer steps, no ViT-Base rows).
+By default it uses one torch thread and times each step in process CPU seconds: on a small machine
+shared with other jobs, wall time (and multi-threaded runs, whose threads wait on each other while
+descheduled) swings by several times, while one thread's CPU seconds stay steady. ``--threads 0
+--clock wall`` measures the usual way on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from facemae_dist.losses.irm import IRMLoss
+from facemae_dist.models.mae import FaceMAE, patchify, sincos_pos_embed_2d
+
+
+class ReferenceMAE(nn.Module):
+    """The reference MAE layout, at the dimensions of a given ``FaceMAE`` and with its weights."""
+
+    def __init__(self, fast: FaceMAE, num_heads: int, decoder_heads: int) -> None:
+        super().__init__()
+        d, dd, p = fast.embed_dim, fast.decoder_dim, fast.patch_size
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.p, self.norm_pix_loss = p, fast.norm_pix_loss
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, fast.grid_size)[None], False)
+        self.blocks = nn.ModuleList(
+            Block(d, num_heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in fast.blocks
+        )
+        self.norm = norm(d)
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(dd, fast.grid_size)[None], False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(dd, decoder_heads, 4.0, qkv_bias=True, norm_layer=norm)
+            for _ in fast.decoder_blocks
+        )
+        self.decoder_norm = norm(dd)
+        self.decoder_pred = nn.Linear(dd, p * p * 3)
+        self.copy_from(fast)
+
+    @torch.no_grad()
+    def copy_from(self, fast: FaceMAE) -> None:
+        """Take the fast model's weights (the linear patch embedding reshaped into a conv kernel)."""
+        own = dict(self.named_parameters())
+        for name, value in fast.named_parameters():
+            if name == "patch_embed.weight":
+                kernel = value.reshape(-1, self.p, self.p, 3).permute(0, 3, 1, 2)
+                own[name].copy_(kernel)
+            else:
+                own[name].copy_(value)
+
+    def random_masking(self, x: Tensor, ratio: float, noise: Tensor) -> tuple[Tensor, ...]:
+        n, length, d = x.shape
+        keep = int(length * (1 - ratio))
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_masked, mask, ids_restore
+
+    def forward(self, imgs: Tensor, ratio: float, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, ratio, noise)
+        cls = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x))
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        target = patchify(imgs, self.p)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum(), pred, mask
+
+
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = CLOCK["cpu"]
+
+
+def interleaved(steps: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+    """Median seconds per call of each step: one warm-up each, then ``iters`` alternating calls.
+
+    Alternating single calls keeps a shared machine's load changes from favouring one side.
+    """
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for step in steps.values():
+        step()
+    for _ in range(iters):
+        for name, step in steps.items():
+            t0 = _clock()
+            step()
+            times[name].append(_clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def count_macs(module: nn.Module, *inputs: Tensor) -> float:
+    """Multiply-accumulates per sample in ``module``'s linear and conv layers (attention excluded)."""
+    total = [0]
+
+    def hook(m: nn.Module, _inp: tuple, out: Tensor) -> None:
+        if isinstance(m, nn.Linear):
+            total[0] += out.numel() * m.in_features
+        else:
+            k = m.weight[0].numel()
+            total[0] += out.numel() * k
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in module.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    with torch.no_grad():
+        module(*inputs)
+    for h in handles:
+        h.remove()
+    return total[0] / inputs[0].shape[0]
+
+
+def bench_mae_pair(label: str, cfg: dict, batch: int, iters: int) -> tuple:
+    """Forward+backward img/s of the reference layout and of FaceMAE on the same inputs."""
+    torch.manual_seed(0)
+    fast = FaceMAE(**cfg)
+    ref = ReferenceMAE(fast, cfg["num_heads"], cfg["decoder_heads"])
+    imgs = torch.randn(batch, 3, 112, 112)
+    # same masks: FaceMAE draws torch.rand(B, L) from its generator, like the noise given to ref
+    noise = torch.rand(batch, fast.num_patches, generator=torch.Generator().manual_seed(1))
+    l_ref = ref(imgs, 0.75, noise)[0]
+    l_fast = fast(imgs, 0.75, generator=torch.Generator().manual_seed(1)).loss
+    diff = abs(l_ref.item() - l_fast.item())
+
+    def step_ref() -> None:
+        ref.zero_grad(set_to_none=True)
+        ref(imgs, 0.75, torch.rand(batch, fast.num_patches))[0].backward()
+
+    def step_fast() -> None:
+        fast.zero_grad(set_to_none=True)
+        fast(imgs, 0.75).loss.backward()
+
+    t = interleaved({"ref": step_ref, "ours": step_fast}, iters)
+    return label, batch, batch / t["ref"], batch / t["ours"], t["ref"] / t["ours"], diff
+
+
+class SmallTeacher(nn.Module):
+    """A small conv net standing in for the tiny recognizer: four stride-2 3x3 conv-BN-PReLU stages
+    (``width`` x 1, 2, 4, 8 channels) and a linear 512-d embedding, ~53M MACs per 112 px face."""
+
+    def __init__(self, width: int = 32, dim: int = 512) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in (width, width * 2, width * 4, width * 8):
+            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in * 7 * 7, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+IRM_VARIANTS = {
+    "MSE + IRM (NCHW)": dict(channels_last=False),
+    "MSE + IRM (default: channels-last)": {},
+    "MSE + IRM (channels-last, bf16 teacher)": dict(autocast_dtype=torch.bfloat16),
+}
+
+
+def bench_irm(cfg: dict, batch: int, iters: int, variants: list[str]) -> dict[str, float]:
+    """Seconds per step (forward+backward) of MSE only and of MSE + IRM in the named settings."""
+    torch.manual_seed(0)
+    model = FaceMAE(**cfg)
+    teacher = SmallTeacher()
+    imgs = torch.randn(batch, 3, 112, 112)
+
+    def step_mse() -> None:
+        model.zero_grad(set_to_none=True)
+        model(imgs).loss.backward()
+
+    def step_irm(irm: IRMLoss) -> Callable[[], None]:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            out = model(imgs)
+            recon = model.images_from_pred(imgs, out.pred, out.mask)
+            (out.loss + irm(imgs, recon)).backward()
+
+        return step
+
+    steps = {"MSE only": step_mse}
+    steps |= {k: step_irm(IRMLoss(teacher, **IRM_VARIANTS[k])) for k in variants}
+    return interleaved(steps, iters)
+
+
+TINY = dict(embed_dim=192, depth=12, num_heads=3, decoder_dim=128, decoder_depth=4, decoder_heads=4)
+BASE = dict(
+    embed_dim=768, depth=12, num_heads=12, decoder_dim=512, decoder_depth=8, decoder_heads=16
+)
+
+
+def print_mae(iters: int, with_base: bool) -> None:
+    """The MAE table."""
+    rows = [bench_mae_pair("tiny p16 (192x12, dec 128x4)", TINY, 32, iters)]
+    rows.append(bench_mae_pair("tiny p8 (192x12, dec 128x4)", {**TINY, "patch_size": 8}, 16, iters))
+    if with_base:
+        rows.append(bench_mae_pair("base p16 (768x12, dec 512x8)", BASE, 8, 2))
+    no_blocks = {**TINY, "depth": 0, "decoder_depth": 0}
+    rows.append(bench_mae_pair("  path only: tiny p16, 0 blocks", no_blocks, 32, iters))
+    rows.append(
+        bench_mae_pair("  path only: tiny p8, 0 blocks", {**no_blocks, "patch_size": 8}, 32, iters)
+    )
+    print(
+        f"{'model':34s} {'batch':>5s} {'ref img/s':>10s} {'ours img/s':>10s} {'ratio':>6s}  |dloss|"
+    )
+    for label, b, ref, ours, ratio, diff in rows:
+        print(f"{label:34s} {b:5d} {ref:10.1f} {ours:10.1f} {ratio:5.2f}x  {diff:.1e}")
+
+
+def print_irm(iters: int, with_base: bool) -> None:
+    """The IRM overhead table: tiny MAE (all teacher settings), base MAE (default setting)."""
+    x = torch.randn(2, 3, 112, 112)
+    t_macs = count_macs(SmallTeacher().eval(), x)
+    print(
+        f"\nIRM overhead: small CNN teacher ({t_macs / 1e6:.0f}M MACs/img fwd; runs on originals, "
+        "recon fwd, recon bwd)"
+    )
+    print(f"{'MAE (MACs/img fwd), batch':34s} {'step (fwd+bwd)':40s} {'s/step':>7s} {'vs MSE':>7s}")
+    runs = [("tiny p16", TINY, 32, iters, list(IRM_VARIANTS))]
+    if with_base:
+        runs.append(("base p16", BASE, 8, 2, ["MSE + IRM (default: channels-last)"]))
+    for label, cfg, batch, n, variants in runs:
+        macs = count_macs(FaceMAE(**cfg), x)
+        times = bench_irm(cfg, batch, n, variants)
+        for name, t in times.items():
+            row = f"{label} ({macs / 1e6:.0f}M), {batch}"
+            print(f"{row:34s} {name:40s} {t:7.3f} {t / times['MSE only']:6.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations, no ViT-Base row")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCK),
+        default="cpu",
+        help="cpu: process CPU seconds; wall: elapsed",
+    )
+    args = parser.parse_args()
+    global _clock
+    _clock = CLOCK[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    iters = 3 if args.quick else 6
+    load = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load avg {load:.1f} at start; {args.clock} clock; fp32, mask 0.75, "
+        f"median of {iters} alternating steps"
+    )
+    print_mae(iters, with_base=not args.quick)
+    print_irm(iters, with_base=not args.quick)
+    print(f"(load avg {os.getloadavg()[0]:.1f} at end)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Instance relation matching (IRM), the FaceMAE loss that keeps reconstructed faces useful.
+
+A frozen face-recognition *teacher* embeds the original faces and their reconstructions. For each side
+the *relation graph* of the batch is the matrix of pairwise similarities between its embeddings, self
+pairs excluded; each row becomes a distribution over the other ``B - 1`` faces through a softmax with a
+temperature. IRM is the KL divergence between the original rows (the target, detached) and the
+reconstructed rows, averaged over rows. Gradients flow through the teacher into the reconstructions
+(and on into the MAE decoder), never into the teacher's weights.
+
+The FaceMAE paper (arXiv 2205.11090) describes IRM in words, not as an exact formula, so the following
+choices are ours. Each is an argument of :class:`IRMLoss` / :func:`relation_kl`, so the config's
+``irm`` section can change it:
+
+* ``similarity="cosine"``: face recognisers are trained and compared on the unit sphere, so cosine is the
+  relation they define; ``"dot"`` keeps the embedding norms (then scale the temperature to the norms).
+* ``temperature=0.1``: trained face embeddings have cosines near 0 (+-0.1) between different identities
+  and 0.4-0.8 within one; at 0.1 a same-identity pair outweighs an unrelated one by e^4-e^8 in its row,
+  so the rows carry the batch's identity structure without being one-hot. 0.1 is also inside the range
+  used by contrastive and relational distillation losses (about 0.05-0.2). At 1.0 rows are nearly
+  uniform and the signal fades; much lower values keep only the nearest neighbour of each face.
+* ``direction="forward"``: ``KL(P_orig || P_recon)``, mass-covering: every relation the original batch
+  has must be present in the reconstructions. ``"reverse"`` is ``KL(P_recon || P_orig)``, ``"symmetric"``
+  the mean of both, ``"js"`` the Jensen-Shannon divergence (bounded by log 2).
+* the weight of IRM against the MSE is the caller's (:func:`total_loss`, config ``irm.weight``).
+* a batch of fewer than 2 faces has no relations: IRM is 0 there (with a graph, so ``backward`` works).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facemae_dist.errors import FacemaeError
+
+__all__ = ["DIRECTIONS", "SIMILARITIES", "IRMLoss", "load_teacher", "relation_kl", "total_loss"]
+
+SIMILARITIES = ("cosine", "dot")
+DIRECTIONS = ("forward", "reverse", "symmetric", "js")
+
+_NO_TEACHER = (
+    "IRM needs a teacher: train a recognizer with `facemae train` and pass its .safetensors as "
+    "irm.teacher"
+)
+
+
+def _check_options(temperature: float, similarity: str, direction: str) -> None:
+    if not temperature > 0:
+        raise FacemaeError(f"irm.temperature must be > 0, got {temperature}")
+    if similarity not in SIMILARITIES:
+        raise FacemaeError(f"irm.similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if direction not in DIRECTIONS:
+        raise FacemaeError(f"irm.direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def relation_logits(emb: Tensor, temperature: float, similarity: str = "cosine") -> Tensor:
+    """Off-diagonal similarity logits ``(B, B - 1)``: row i holds sim(i, j) / temperature for j != i."""
+    emb = emb.float().flatten(1)
+    if similarity == "cosine":
+        emb = F.normalize(emb, dim=1)
+    sim = emb @ emb.t()
+    b = sim.shape[0]
+    # drop the diagonal: the flattened matrix minus its first entry, read as (B-1, B+1), loses column 0
+    off = sim.flatten()[1:].view(b - 1, b + 1)[:, :-1].reshape(b, b - 1)
+    return off / temperature
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Mean over rows of KL(P || Q) given log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def relation_kl(
+    emb_orig: Tensor,
+    emb_recon: Tensor,
+    temperature: float = 0.1,
+    similarity: str = "cosine",
+    direction: str = "forward",
+) -> Tensor:
+    """IRM on embeddings ``(B, D)``: divergence between the rows of the two relation graphs.
+
+    ``emb_orig`` is the target and is detached. Returns a scalar; 0 when ``B < 2``.
+    """
+    _check_options(temperature, similarity, direction)
+    if emb_orig.shape[0] != emb_recon.shape[0]:
+        raise ValueError(f"batch sizes differ: {emb_orig.shape[0]} vs {emb_recon.shape[0]}")
+    if emb_recon.shape[0] < 2:
+        return emb_recon.sum() * 0.0
+    log_p = F.log_softmax(relation_logits(emb_orig.detach(), temperature, similarity), dim=1)
+    log_q = F.log_softmax(relation_logits(emb_recon, temperature, similarity), dim=1)
+    if direction == "forward":
+        return _kl(log_p, log_q)
+    if direction == "reverse":
+        return _kl(log_q, log_p)
+    if direction == "symmetric":
+        return 0.5 * (_kl(log_p, log_q) + _kl(log_q, log_p))
+    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
+    return 0.5 * (_kl(log_p, log_m) + _kl(log_q, log_m))
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put ``module`` in eval mode with ``requires_grad`` off on all its parameters."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class IRMLoss(nn.Module):
+    """Instance relation matching through a frozen recognition teacher (see the module docstring).
+
+    ``forward(original, reconstructed)`` takes images in the model-normalised space
+    ``(x/255 - 0.5)/0.5``, shape ``(B, 3, H, W)``; the teacher maps them to ``(B, D)`` embeddings.
+    The teacher stays in eval mode (also after ``.train()``) and its weights never get gradients.
+
+    Speed options (the teacher's cost is IRM's whole overhead): ``channels_last`` passes the images in
+    channels-last memory layout (same values; oneDNN/cuDNN convolutions run faster on it; the teacher's
+    weights are left as they are); ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the teacher under
+    autocast, the relation graphs are still computed in float32.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        temperature: float = 0.1,
+        similarity: str = "cosine",
+        direction: str = "forward",
+        channels_last: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_options(temperature, similarity, direction)
+        self.teacher = freeze(teacher)
+        self.temperature, self.similarity, self.direction = temperature, similarity, direction
+        self.channels_last, self.autocast_dtype = channels_last, autocast_dtype
+
+    def train(self, mode: bool = True) -> IRMLoss:
+        """Switch this module's mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Teacher embeddings ``(B, D)`` of a batch (gradients flow to ``images``, never to weights)."""
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            return self.teacher(images)
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            return self.teacher(images)
+
+    def forward(
+        self, original: Tensor | None, reconstructed: Tensor, emb_original: Tensor | None = None
+    ) -> Tensor:
+        """Scalar IRM between the batch of originals and their reconstructions.
+
+        ``emb_original`` (optional): the teacher's embeddings of the originals, when the caller already
+        has them (then ``original`` may be None); this saves a third of IRM's teacher work.
+        """
+        if reconstructed.shape[0] < 2:
+            return reconstructed.sum() * 0.0
+        if emb_original is not None:
+            emb_orig = emb_original.detach()
+        elif original is None:
+            raise ValueError("IRMLoss needs the original images or their embeddings")
+        else:
+            with torch.no_grad():
+                emb_orig = self.embed(original)
+        emb_recon = self.embed(reconstructed)
+        return relation_kl(emb_orig, emb_recon, self.temperature, self.similarity, self.direction)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, similarity={self.similarity}, "
+            f"direction={self.direction}, channels_last={self.channels_last}, "
+            f"autocast_dtype={self.autocast_dtype}"
+        )
+
+
+def total_loss(mse: Tensor, irm: Tensor | None, w_mse: float = 1.0, w_irm: float = 1.0) -> Tensor:
+    """``w_mse * mse + w_irm * irm`` (IRM skipped when ``irm`` is None or ``w_irm`` is 0)."""
+    if irm is None or w_irm == 0:
+        return w_mse * mse
+    return w_mse * mse + w_irm * irm
+
+
+def load_teacher(path: str | Path, build_fn: Callable[[], nn.Module]) -> nn.Module:
+    """Build the teacher with ``build_fn()`` and load the safetensors state dict at ``path`` (read-only).
+
+    Returns the module frozen (eval mode, no gradients). Raises :class:`FacemaeError` when the file is
+    missing, unreadable, or does not match the architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise FacemaeError(f"{_NO_TEACHER} (no file at {file})")
+    try:
+        state = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise FacemaeError(
+            f"cannot read IRM teacher {file}: {err}; pass a .safetensors file"
+        ) from err
+    model = build_fn()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise FacemaeError(
+            f"IRM teacher {file} does not match the architecture built for it: {err}; "
+            "build the same recognizer architecture that wrote the file"
+        ) from err
+    return freeze(model)

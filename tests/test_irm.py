@@ -1,0 +1,214 @@
+"""Instance relation matching: values, gradients, frozen teacher, options, teacher loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from facemae_dist.errors import FacemaeError
+from facemae_dist.losses.irm import IRMLoss, load_teacher, relation_kl, total_loss
+from facemae_dist.models.mae import FaceMAE
+
+MICRO = dict(embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def teacher(seed: int = 0) -> nn.Module:
+    """A tiny conv net (with BatchNorm, so eval mode matters) mapping faces to 16-d embeddings."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 5, stride=4),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+    )
+
+
+def faces(b: int = 6, seed: int = 0) -> torch.Tensor:
+    """Smooth random images (4x4 blocks upsampled) in [-1, 1]: their embeddings differ clearly."""
+    coarse = torch.rand(b, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return nn.functional.interpolate(coarse, size=112, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric", "js"])
+def test_zero_when_reconstruction_equals_original(direction: str) -> None:
+    irm = IRMLoss(teacher(), direction=direction)
+    x = faces()
+    assert irm(x, x.clone()).abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric", "js"])
+def test_positive_when_reconstruction_differs(direction: str) -> None:
+    irm = IRMLoss(teacher(), direction=direction)
+    x = faces()
+    assert irm(x, faces(seed=1)).item() > 1e-4
+
+
+def test_gradient_reaches_reconstruction_not_teacher() -> None:
+    t = teacher()
+    irm = IRMLoss(t).train()
+    assert not t.training  # stays in eval mode through .train()
+    x, rec = faces(), faces(seed=1).requires_grad_(True)
+    irm(x, rec).backward()
+    assert rec.grad is not None and rec.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in t.parameters())
+    assert not t.training
+
+
+def test_gradient_reaches_mae_decoder_through_reconstruct() -> None:
+    torch.manual_seed(0)
+    mae = FaceMAE(**MICRO).train()
+    t = teacher()
+    irm = IRMLoss(t)
+    x = faces()
+    recon, _ = mae.reconstruct(x, generator=torch.Generator().manual_seed(0))
+    irm(x, recon).backward()
+    for name, p in mae.named_parameters():
+        if name.startswith("decoder"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in t.parameters())
+    assert not t.training
+
+
+def manual_irm(orig: list[list[float]], recon: list[list[float]], tau: float) -> float:
+    """Forward KL between off-diagonal cosine-softmax rows, written out with Python floats."""
+
+    def cos(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    def rows(e: list[list[float]]) -> list[list[float]]:
+        out = []
+        for i in range(len(e)):
+            logits = [cos(e[i], e[j]) / tau for j in range(len(e)) if j != i]
+            z = sum(math.exp(v) for v in logits)
+            out.append([math.exp(v) / z for v in logits])
+        return out
+
+    p_rows, q_rows = rows(orig), rows(recon)
+    kls = [
+        sum(p * math.log(p / q) for p, q in zip(pr, qr, strict=True))
+        for pr, qr in zip(p_rows, q_rows, strict=True)
+    ]
+    return sum(kls) / len(kls)
+
+
+def test_matches_hand_computation_with_diagonal_excluded() -> None:
+    orig = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.2]]
+    recon = [[1.0, 0.1], [0.0, 1.0], [0.7, 0.7], [-0.5, -0.5]]
+    got = relation_kl(torch.tensor(orig), torch.tensor(recon), temperature=0.5)
+    assert got.item() == pytest.approx(manual_irm(orig, recon, 0.5), rel=1e-5)
+    # with self pairs kept (cos = 1 on the diagonal) the value would differ
+    full = torch.tensor(orig), torch.tensor(recon)
+    p = torch.log_softmax(
+        nn.functional.cosine_similarity(full[0][:, None], full[0][None], -1) / 0.5, 1
+    )
+    q = torch.log_softmax(
+        nn.functional.cosine_similarity(full[1][:, None], full[1][None], -1) / 0.5, 1
+    )
+    with_diag = (p.exp() * (p - q)).sum(1).mean()
+    assert abs(with_diag.item() - got.item()) > 1e-3
+
+
+def test_direction_options() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    fwd = relation_kl(a, b, direction="forward")
+    rev = relation_kl(a, b, direction="reverse")
+    sym = relation_kl(a, b, direction="symmetric")
+    js = relation_kl(a, b, direction="js")
+    assert fwd.item() > 0 and rev.item() > 0 and abs(fwd.item() - rev.item()) > 1e-4
+    assert sym.item() == pytest.approx(0.5 * (fwd.item() + rev.item()), rel=1e-5)
+    assert 0 < js.item() < math.log(2)
+    assert relation_kl(b, a, direction="reverse").item() == pytest.approx(fwd.item(), rel=1e-5)
+    assert relation_kl(b, a, direction="js").item() == pytest.approx(js.item(), rel=1e-5)
+
+
+def test_original_side_is_detached() -> None:
+    a, b = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    relation_kl(a, b).backward()
+    assert a.grad is None and b.grad is not None
+
+
+def test_similarity_options() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    scale = torch.linspace(0.5, 3.0, 6)[:, None]
+    cos = relation_kl(a, b, similarity="cosine")
+    assert relation_kl(a * scale, b, similarity="cosine").item() == pytest.approx(
+        cos.item(), rel=1e-5
+    )
+    assert relation_kl(a * scale, b, similarity="dot").item() != pytest.approx(
+        relation_kl(a, b, similarity="dot").item(), rel=1e-3
+    )
+
+
+def test_batch_of_one_is_zero_and_backward_works() -> None:
+    irm = IRMLoss(teacher())
+    rec = faces(1).requires_grad_(True)
+    loss = irm(faces(1), rec)
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_invalid_options() -> None:
+    with pytest.raises(FacemaeError, match="similarity"):
+        IRMLoss(teacher(), similarity="l2")
+    with pytest.raises(FacemaeError, match="direction"):
+        relation_kl(torch.randn(3, 4), torch.randn(3, 4), direction="sideways")
+    with pytest.raises(FacemaeError, match="temperature"):
+        IRMLoss(teacher(), temperature=0.0)
+
+
+def test_total_loss() -> None:
+    mse, irm = torch.tensor(2.0), torch.tensor(3.0)
+    assert total_loss(mse, irm, 1.0, 0.5).item() == pytest.approx(3.5)
+    assert total_loss(mse, None, 2.0, 1.0).item() == pytest.approx(4.0)
+    assert total_loss(mse, irm, 1.0, 0.0).item() == pytest.approx(2.0)
+
+
+def test_load_teacher(tmp_path) -> None:
+    with pytest.raises(FacemaeError, match="IRM needs a teacher"):
+        load_teacher(tmp_path / "missing.safetensors", teacher)
+    src = teacher(seed=3)
+    path = tmp_path / "recog.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    before = path.read_bytes()
+    loaded = load_teacher(str(path), teacher)
+    for (k, v), w in zip(src.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert path.read_bytes() == before
+    with pytest.raises(FacemaeError, match="does not match"):
+        load_teacher(path, lambda: nn.Linear(4, 4))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FacemaeError, match="cannot read"):
+        load_teacher(tmp_path / "junk.safetensors", teacher)
+
+
+def test_speed_options_keep_the_value() -> None:
+    """Channels-last input is the same computation; a bf16 teacher is close, and still frozen."""
+    x, rec = faces(), faces(seed=1)
+    plain = IRMLoss(teacher(), channels_last=False)(x, rec)
+    fast = IRMLoss(teacher())(x, rec)
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-4)
+    t = teacher()
+    rec.requires_grad_(True)
+    bf16 = IRMLoss(t, autocast_dtype=torch.bfloat16)(x, rec)
+    assert bf16.dtype == torch.float32 and bf16.item() == pytest.approx(plain.item(), rel=0.1)
+    bf16.backward()
+    assert rec.grad is not None and all(p.grad is None for p in t.parameters())
+
+
+def test_precomputed_original_embeddings() -> None:
+    t = teacher()
+    irm = IRMLoss(t)
+    x, rec = faces(), faces(seed=1)
+    with torch.no_grad():
+        emb = irm.embed(x)
+    assert irm(None, rec, emb_original=emb).item() == pytest.approx(irm(x, rec).item(), rel=1e-6)
