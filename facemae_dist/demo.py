@@ -131,6 +131,7 @@ class Demo:
             f"data.train={self.out / 'shards/train'}", f"run.out_dir={run_dir}",
             f"run.max_steps={self.size.pretrain_steps}", f"data.global_batch={self.size.mae_batch}",
             f"model.mask_ratio={self.mask_ratio}", "irm.teacher_arch=tiny", "irm.teacher_embedding=128",
+            "model.norm_pix_loss=false",  # plain-pixel targets: a briefly trained MAE paints smooth faces
             f"run.ckpt_every={max(10, self.size.pretrain_steps // 2)}",
             *(teacher if irm else ["irm.weight=0"]),
         )  # fmt: skip
