@@ -181,6 +181,7 @@ STAGES = {
         "facemae_dist.eval.privacy",
         "privacy leakage: retrieve released faces against the originals",
     ),
+    "submit": ("facemae_dist.submit", "submit a stage to Slurm (or locally) through submitit"),
 }
 
 

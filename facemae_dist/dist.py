@@ -80,8 +80,13 @@ def device(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init(timeout_s: int = 600, use_deepspeed: bool = True) -> DistInfo:
-    """Start the process group (also for a single process when DeepSpeed will need one)."""
+def init(timeout_s: int | None = None, use_deepspeed: bool = True) -> DistInfo:
+    """Start the process group (also for a single process when DeepSpeed will need one).
+
+    `timeout_s` (default FACEMAE_DIST_TIMEOUT or 600) bounds how long a collective waits for a
+    rank that died or hangs before the job fails instead of hanging.
+    """
+    timeout_s = timeout_s or int(os.environ.get("FACEMAE_DIST_TIMEOUT", "600"))
     info = detect()
     _export_env(info)
     if torch_dist.is_initialized():
@@ -118,6 +123,15 @@ def all_true(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def from_main(value: float) -> float:
+    """Rank 0's `value` on every rank, for decisions all ranks must take together."""
+    if not torch_dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    torch_dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def any_true(flag: bool) -> bool:

@@ -43,7 +43,13 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "FACEMAE_DIST_TIMEOUT": "90",
+    }
 
 
 def torchrun(out: Path, workdir: Path, *overrides: str) -> list[str]:

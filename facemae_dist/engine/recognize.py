@@ -188,7 +188,8 @@ class RecogTask:
             **{r.name: {"acc": r.accuracy, "std": r.std, "tar@far": r.tar_at_far} for r in results},
         }
         self.history.append(record)
-        mean = sum(r.accuracy for r in results) / len(results)
+        # BatchNorm statistics differ per rank, so rank 0's verdict decides for everyone
+        mean = dist.from_main(sum(r.accuracy for r in results) / len(results))
         if dist.detect().is_main:
             print(
                 "verify " + " ".join(f"{r.name} {r.accuracy:.4f}±{r.std:.4f}" for r in results),
