@@ -66,7 +66,10 @@ def print_demo_table(rows: list[dict], title: str) -> None:
 
     table = Table(title=title)
     for _, header, _ in _COLUMNS:
-        table.add_column(header, justify="left" if header == "method" else "right")
+        if header == "method":
+            table.add_column(header, no_wrap=True, min_width=12)
+        else:
+            table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*_cells(row))
     console.print(table)

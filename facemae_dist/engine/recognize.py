@@ -301,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="facemae train",
         description="Train a face recognizer (backbone + partial-FC margin head) on face shards.",
-        epilog="example:\n  torchrun --nproc_per_node 8 -m facemae_dist.train "
+        epilog="examples:\n  facemae train --config configs/recog/tiny_cpu.yaml data.train=shards/train\n  torchrun --nproc_per_node 8 -m facemae_dist.train "
         "--config configs/recog/r50_casia.yaml run.out_dir=runs/r50",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

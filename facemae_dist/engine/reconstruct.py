@@ -241,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
         prog="facemae reconstruct",
         description="Mask and reconstruct faces of unseen identities into a privacy-preserving shard set "
         "(or build a baseline: masked, blur, noise, original).",
-        epilog="example:\n  torchrun --nproc_per_node 8 -m facemae_dist.reconstruct shards/unseen released/facemae "
+        epilog="examples:\n  facemae reconstruct shards/unseen released/blur --method blur --blur-sigma 4\n  torchrun --nproc_per_node 8 -m facemae_dist.reconstruct shards/unseen released/facemae "
         "--model runs/mae-b8 --mask-ratio 0.75",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
