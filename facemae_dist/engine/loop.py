@@ -65,6 +65,17 @@ class RunConfig:
 
 
 @dataclass
+class DataConfig:
+    train: str = (
+        ""  # split folder written by `facemae shard` / `facemae reconstruct` (manifest.json)
+    )
+    global_batch: int = 256  # images per optimizer step over all ranks
+    shuffle_buffer: int = 1000
+    flip: bool = True
+    skip_bad_shards: bool = False
+
+
+@dataclass
 class FitState:
     step: int = 0
     samples_seen: int = 0
@@ -91,6 +102,54 @@ class Task(Protocol):
 
 
 # ---------------------------------------------------------------- setup
+
+
+def micro_batch(data: DataConfig, engine: EngineConfig, world_size: int) -> int:
+    """Per-rank micro-batch; the global batch must split evenly over ranks × accumulation."""
+    per_step = world_size * engine.grad_accum
+    if data.global_batch % per_step:
+        raise FacemaeError(
+            f"data.global_batch {data.global_batch} is not divisible by ranks × engine.grad_accum "
+            f"= {world_size} × {engine.grad_accum}: choose a multiple of {per_step}"
+        )
+    return data.global_batch // per_step
+
+
+@dataclass
+class Run:
+    """What a trainer needs once the process group is up."""
+
+    info: dist.DistInfo
+    device: torch.device
+    run_dir: Path
+    stream: FaceStream
+    engine: Any
+
+
+def start_run(cfg: Any, model: torch.nn.Module, micro: int, banner: str) -> Run:
+    """Process group, run folder (+ resolved config), training stream and DeepSpeed engine.
+
+    `cfg` has the sections run, data (:class:`DataConfig`), optim and engine.
+    """
+    from facemae_dist.config import save_config
+
+    info = dist.init()
+    device = dist.device(info)
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"{banner}: world size {info.world_size} ({info.launcher}), {device}", flush=True)
+    data = cfg.data
+    stream = FaceStream(
+        data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
+        shuffle_buffer=data.shuffle_buffer, flip=data.flip, normalize=True,
+        skip_bad_shards=data.skip_bad_shards,
+    )  # fmt: skip
+    steps_per_epoch = max(1, stream.batches_per_epoch // cfg.engine.grad_accum)
+    total = total_steps_for(cfg.run, steps_per_epoch)
+    engine = build_engine(model, cfg.optim, cfg.engine, micro, total, steps_per_epoch)
+    return Run(info, device, run_dir, stream, engine)
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:

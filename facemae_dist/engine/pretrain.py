@@ -16,28 +16,19 @@ from typing import Any
 import torch
 
 from facemae_dist import dist
-from facemae_dist.config import load_config, save_config
+from facemae_dist.config import load_config
 from facemae_dist.data.shards import load_manifest
-from facemae_dist.data.stream import FaceStream
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
+    DataConfig,
     EngineConfig,
     OptimConfig,
     RunConfig,
-    build_engine,
     fit,
-    total_steps_for,
+    micro_batch,
+    start_run,
 )
 from facemae_dist.errors import FacemaeError
-
-
-@dataclass
-class DataConfig:
-    train: str = ""  # split folder written by `facemae shard` (holds manifest.json)
-    global_batch: int = 256  # images per optimizer step over all ranks
-    shuffle_buffer: int = 1000
-    flip: bool = True
-    skip_bad_shards: bool = False
 
 
 @dataclass
@@ -93,12 +84,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
     """Fail before any process group starts; returns the per-rank micro-batch size."""
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise FacemaeError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
-    per_step = world_size * cfg.engine.grad_accum
-    if cfg.data.global_batch % per_step:
-        raise FacemaeError(
-            f"data.global_batch {cfg.data.global_batch} is not divisible by ranks × engine.grad_accum "
-            f"= {world_size} × {cfg.engine.grad_accum}: choose a multiple of {per_step}"
-        )
+    micro = micro_batch(cfg.data, cfg.engine, world_size)
     if cfg.irm.weight > 0:
         if not cfg.irm.teacher:
             raise FacemaeError(
@@ -116,7 +102,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
             f"engine.precision must be fp32 or bf16 (fp16 is not supported), got {cfg.engine.precision}"
         )
     load_manifest(cfg.data.train)  # clear error if the shards are missing
-    return cfg.data.global_batch // per_step
+    return micro
 
 
 def build_irm(cfg: IRMConfig, device: torch.device):
@@ -187,26 +173,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     micro = validate(cfg, dist.detect().world_size)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg.model)
-    info = dist.init()
-    device = dist.device(info)
-    run_dir = Path(cfg.run.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        print(
-            f"facemae pretrain: world size {info.world_size} ({info.launcher}), {device}",
-            flush=True,
-        )
-    stream = FaceStream(
-        cfg.data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip, normalize=True,
-        skip_bad_shards=cfg.data.skip_bad_shards,
-    )  # fmt: skip
-    steps_per_epoch = max(1, stream.batches_per_epoch // cfg.engine.grad_accum)
-    total = total_steps_for(cfg.run, steps_per_epoch)
-    engine = build_engine(model, cfg.optim, cfg.engine, micro, total, steps_per_epoch)
+    run = start_run(cfg, model, micro, "facemae pretrain")
+    info, device, run_dir, engine = run.info, run.device, run.run_dir, run.engine
     task = MAETask(cfg, build_irm(cfg.irm, device), device, info.rank)
-    state = fit(engine, task, stream, cfg.run, cfg.engine.grad_accum)
+    state = fit(engine, task, run.stream, cfg.run, cfg.engine.grad_accum)
     weights = run_dir / "facemae.safetensors"
     checkpoint.export_module(engine, weights, cfg.engine.zero_stage)
     if info.is_main:

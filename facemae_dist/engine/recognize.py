@@ -18,29 +18,26 @@ from typing import Any
 import torch
 
 from facemae_dist import dist
-from facemae_dist.config import load_config, save_config
+from facemae_dist.config import load_config
 from facemae_dist.data.shards import load_manifest
-from facemae_dist.data.stream import FaceStream
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
+    DataConfig,
     EngineConfig,
     OptimConfig,
     RunConfig,
-    build_engine,
     fit,
-    total_steps_for,
+    micro_batch,
+    start_run,
 )
 from facemae_dist.errors import FacemaeError
 
 
 @dataclass
-class RecogDataConfig:
-    train: str = ""  # split folder written by `facemae shard` / `facemae reconstruct`
+class RecogDataConfig(DataConfig):
     global_batch: int = 512
-    num_classes: int = 0  # 0: from the manifest; otherwise it must match the manifest
     shuffle_buffer: int = 2000
-    flip: bool = True
-    skip_bad_shards: bool = False
+    num_classes: int = 0  # 0: from the manifest; otherwise it must match the manifest
 
 
 @dataclass
@@ -96,12 +93,7 @@ class RecogConfig:
 
 def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
     """Fail before any process group starts; returns (micro-batch per rank, num_classes)."""
-    per_step = world_size * cfg.engine.grad_accum
-    if cfg.data.global_batch % per_step:
-        raise FacemaeError(
-            f"data.global_batch {cfg.data.global_batch} is not divisible by ranks × engine.grad_accum "
-            f"= {world_size} × {cfg.engine.grad_accum}: choose a multiple of {per_step}"
-        )
+    micro = micro_batch(cfg.data, cfg.engine, world_size)
     manifest = load_manifest(cfg.data.train)
     classes = manifest["num_classes"]
     if cfg.data.num_classes and cfg.data.num_classes != classes:
@@ -114,7 +106,7 @@ def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
             raise FacemaeError(f"eval.pairs: {path} not found (make one with `facemae make-pairs`)")
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         raise FacemaeError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
-    return cfg.data.global_batch // per_step, classes
+    return micro, classes
 
 
 def build_head(
@@ -246,30 +238,14 @@ def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
     micro, num_classes = validate(cfg, dist.detect().world_size)
     torch.manual_seed(cfg.run.seed)
     backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_size, **cfg.backbone.kwargs)
-    info = dist.init()
-    device = dist.device(info)
-    run_dir = Path(cfg.run.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        print(
-            f"facemae train: world size {info.world_size} ({info.launcher}), {device}, {num_classes} classes",
-            flush=True,
-        )
-    stream = FaceStream(
-        cfg.data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip, normalize=True,
-        skip_bad_shards=cfg.data.skip_bad_shards,
-    )  # fmt: skip
-    steps_per_epoch = max(1, stream.batches_per_epoch // cfg.engine.grad_accum)
-    total = total_steps_for(cfg.run, steps_per_epoch)
-    engine = build_engine(backbone, cfg.optim, cfg.engine, micro, total, steps_per_epoch)
+    run = start_run(cfg, backbone, micro, f"facemae train ({num_classes} classes)")
+    info, device, run_dir, engine = run.info, run.device, run.run_dir, run.engine
     head, head_opt = build_head(
         cfg.head, cfg.backbone.embedding_size, num_classes, device, cfg.run.seed
     )
     task = RecogTask(cfg, head, head_opt, device)
     task.engine = engine
-    state = fit(engine, task, stream, cfg.run, cfg.engine.grad_accum)
+    state = fit(engine, task, run.stream, cfg.run, cfg.engine.grad_accum)
     final = task.verify(state.step)
     weights = export_backbone(engine, cfg, run_dir / "backbone.safetensors")
     result = {
