@@ -34,3 +34,15 @@ def test_quick_demo_end_to_end(tmp_path):
     for picture in ("faces_grid.png", "privacy_utility.png"):
         assert (out / picture).stat().st_size > 1000
     assert "| method |" in (out / "report.md").read_text()
+
+    # the sweep repeats release → train → verify → audit at another mask ratio on the same run
+    swept = subprocess.run(
+        [str(BIN / "facemae"), "sweep", "--out", str(out), "--mask-ratios", "0.9"],
+        capture_output=True,
+        text=True,
+    )
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    curves = json.loads((out / "sweep.json").read_text())["curves"]
+    assert set(curves) == {"masked", "facemae_mse", "facemae_irm"}
+    assert all(points[0]["mask_ratio"] == 0.9 for points in curves.values())
+    assert (out / "sweep_privacy_utility.png").stat().st_size > 1000
