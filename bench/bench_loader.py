@@ -9,8 +9,11 @@ Same 20k synthetic 112 px JPEGs (1000 identities x 20) for both, batch 128, flip
   baseline : arcface_torch MXFaceDataset without mxnet: seek + read the record, parse the
              IRHeader, PIL decode, RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5), through
              torch DataLoader(shuffle=True, batch_size=128, drop_last=True).
-Full mode times one epoch (156 batches) 3 times per loader and worker count (median);
---quick times 60 batches once. --profile adds a cProfile of both loaders at 0 workers.
+Full mode times one epoch (156 batches) 3 times per loader and worker count, --quick 80 batches
+twice; runs go round-robin so a change in machine load hits every configuration alike. Reported:
+median wall-clock img/s (worker start-up included, as in a real epoch) and median CPU time per
+image over all processes (user + sys, workers included): on a shared machine the CPU figure is
+the steadier one. --profile adds a cProfile of both loaders at 0 workers.
 Target: ours / baseline >= 1.0 at every worker count.
 """
 
@@ -191,7 +194,7 @@ def profile(makers: dict[str, Callable[[int], DataLoader]], batches: int) -> Non
 def main() -> None:
     """Build or reuse the inputs, then time both loaders at 0, 1 and 2 workers."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="60 batches once per configuration")
+    ap.add_argument("--quick", action="store_true", help="80 batches twice per configuration")
     ap.add_argument("--repeats", type=int, help="timed runs per configuration (median)")
     ap.add_argument("--batches", type=int, help="batches per timed run (default: one epoch)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -212,8 +215,8 @@ def main() -> None:
     nbytes = warm_page_cache([str(p) for p in split_dir.glob("*.tar")])
     warm_page_cache([str(rec_dir / "train.rec")])
     epoch = FaceStream(str(split_dir), BATCH).batches_per_epoch
-    batches = args.batches or (60 if args.quick else epoch)
-    repeats = args.repeats or (1 if args.quick else 3)
+    batches = args.batches or (80 if args.quick else epoch)
+    repeats = args.repeats or (2 if args.quick else 3)
     print(
         f"\n-- {epoch * BATCH:,} images/epoch ({nbytes / 1e6:.0f} MB of shards), batch {BATCH}, "
         f"{batches} batches x {repeats} run(s) per configuration, main-process torch threads "

@@ -7,7 +7,8 @@
        file, fsync (the I/O bound of a folder source); plus a sequential copy of that one big file;
    (b) naive: one process, PIL decode -> JPEG re-encode -> webdataset.ShardWriter;
    (c) ours: FolderSource + shard_dataset, 1 and 2 workers (pass-through JPEGs, fsync per shard).
-   Targets: ours >= 0.5x raw copy, >= 5x naive.
+   Targets: ours >= 0.5x raw copy, >= 5x naive (wall clock; repeats run round-robin, medians).
+   CPU time per image (all processes) is printed too: steadier than wall time on a shared machine.
 2. Bounded memory: shard SyntheticSource at 2-3 sizes (quick: 20k, 100k; full: 20k, 200k, 1M),
    each in a fresh subprocess, with its real listing, labels and identity names; the pixels come
    from 64 pre-rendered faces (--mem-render renders every face, ~10x slower). Reports peak RSS of

@@ -3,7 +3,7 @@
 The same stages as `slurm/*.sh` (pretrain, train, reconstruct, ...), from Python instead of sbatch:
 
     facemae submit pretrain --config configs/mae/vit_b8_casia.yaml --nodes 4 --gpus-per-node 8 \\
-        --time 2880 --partition gpu data.train=shards/casia/seen
+        --time 2880 --partition gpu data.train=shards/casia/train
     facemae submit pretrain --config configs/mae/tiny_cpu.yaml --cluster local --tasks-per-node 2 \\
         data.train=shards/train
     facemae submit reconstruct shards/unseen shards/released --model runs/mae-1234 --gpus-per-node 8

@@ -5,7 +5,7 @@
 #
 #   # 4 nodes × 8 GPUs (GPU counts go on the command line: a Slurm without GPUs rejects --gpus-per-node):
 #   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=10 \
-#       slurm/train_mae.sh configs/mae/vit_b8_casia.yaml data.train=shards/casia/seen
+#       slurm/train_mae.sh configs/mae/vit_b8_casia.yaml data.train=shards/casia/train
 #   # CPU-only cluster (gloo): the defaults below, e.g. 2 nodes × 1 task
 #   sbatch --nodes=2 slurm/train_mae.sh configs/mae/tiny_cpu.yaml data.train=shards/train run.max_steps=100
 #   # without sbatch flags: this script submits itself, sized from NODES / GPUS_PER_NODE / CPUS_PER_TASK /

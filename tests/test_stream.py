@@ -90,3 +90,9 @@ def test_two_ranks_get_equal_steps_from_seven_shards(sharded_split):
         assert s0 == s1 == 28 // (2 * 2)
         # slots own 2, 2, 2 and 1 shards: the small slot wraps, yet most samples are seen
         assert len(set(k0) | set(k1)) >= 16
+
+
+def test_urls_that_webdataset_opens_work_too(sharded_split):
+    urls = [f"pipe:cat {p}" for p in sorted(sharded_split.glob("*.tar"))]
+    keys = [k for b in keys_of(make_loader(FaceStream(urls, 5, repeat=False))) for k in b]
+    assert len(keys) == 28 and len(set(keys)) == 28

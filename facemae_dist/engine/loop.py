@@ -196,6 +196,9 @@ def deepspeed_config(
         "train_batch_size": micro_batch * engine.grad_accum * world,
         "zero_optimization": {"stage": engine.zero_stage},
         "bf16": {"enabled": engine.precision == "bf16"},
+        # DeepSpeed casts parameters to bf16 but not buffers (BatchNorm statistics, fixed position
+        # embeddings): mixed-dtype ops then fail, so buffers follow the parameters
+        **({"data_types": {"buffer_dtype": "bf16"}} if engine.precision == "bf16" else {}),
         "steps_per_print": 1 << 30,
         "zero_allow_untested_optimizer": True,
     }

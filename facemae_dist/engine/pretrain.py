@@ -247,7 +247,7 @@ def parser() -> argparse.ArgumentParser:
         prog="facemae pretrain",
         description="Pretrain FaceMAE (MAE + IRM) on face shards with DeepSpeed ZeRO.",
         epilog="examples:\n  facemae pretrain --config configs/mae/tiny_cpu.yaml data.train=shards/train run.max_steps=50\n  torchrun --nproc_per_node 8 -m facemae_dist.pretrain "
-        "--config configs/mae/vit_b8_casia.yaml run.out_dir=runs/mae-b8 optim.epochs=400",
+        "--config configs/mae/vit_b8_casia.yaml run.out_dir=runs/mae-b8 run.epochs=400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML under configs/mae/")

@@ -203,6 +203,9 @@ def _model_device(model: nn.Module) -> torch.device:
 @torch.inference_mode()
 def _embed_batch(model: nn.Module, batch: torch.Tensor, device: torch.device) -> np.ndarray:
     x = batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    param = next(model.parameters(), None)
+    if param is not None and param.is_floating_point():
+        x = x.to(param.dtype)  # a bf16 model (DeepSpeed bf16 training) takes bf16 inputs
     out = model(torch.cat([x, x.flip(3)])).double()
     n = len(batch)
     return torch.nn.functional.normalize(out[:n] + out[n:], dim=1).cpu().numpy()
