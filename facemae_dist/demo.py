@@ -44,7 +44,7 @@ class DemoSize:
 
 QUICK = DemoSize("50x8", 24, "24x8", 400, teacher_steps=30, pretrain_steps=20, recog_steps=20)
 FULL = DemoSize(
-    "300x16", 150, "100x10", 2000, teacher_steps=300, pretrain_steps=300, recog_steps=250
+    "300x16", 150, "100x10", 2000, teacher_steps=300, pretrain_steps=600, recog_steps=250
 )
 
 
