@@ -13,6 +13,7 @@ distributed ones). No network, no GPU. The demo is small configs, not a second i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -71,7 +72,17 @@ class Demo:
             )
 
     def facemae(self, *args: str) -> None:
-        self.run(_bin("facemae"), *args)
+        """A single-process stage: the `facemae` command line itself, run in this process (the same
+        parsing and code path as a user's shell, without paying a Python + torch start per call)."""
+        from facemae_dist.cli import main
+
+        with open(self.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            print(f"\n$ facemae {' '.join(args)}", flush=True)
+            code = main(list(args))
+        if code != 0:
+            raise FacemaeError(
+                f"stage failed (exit {code}): facemae {' '.join(args[:6])} ...; see {self.log}"
+            )
 
     def torchrun(self, module: str, *args: str) -> None:
         self.port += 1

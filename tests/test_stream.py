@@ -96,3 +96,14 @@ def test_urls_that_webdataset_opens_work_too(sharded_split):
     urls = [f"pipe:cat {p}" for p in sorted(sharded_split.glob("*.tar"))]
     keys = [k for b in keys_of(make_loader(FaceStream(urls, 5, repeat=False))) for k in b]
     assert len(keys) == 28 and len(set(keys)) == 28
+
+
+def test_a_cut_inside_the_last_sample_is_not_a_short_sample(sharded_split):
+    """tarfile would read a cut inside the last face's .cls header as the end of the archive and
+    hand out a face without a label; the reader reports the shard as truncated instead."""
+    shard = sharded_split / "faces-000006.tar"
+    with tarfile.open(shard) as tar:
+        cls_member = [m for m in tar.getmembers() if m.name.endswith(".cls")][-1]
+    shard.write_bytes(shard.read_bytes()[: cls_member.offset + 100])
+    with pytest.raises(BadShardError, match="faces-000006.tar"):
+        keys_of(make_loader(FaceStream([str(shard)], 4, repeat=False)))

@@ -154,12 +154,22 @@ def plan_splits(source: Source, opts: ShardOptions) -> list[SplitPlan]:
 # ---------------------------------------------------------------- writing (worker side)
 
 _WORKER_SOURCE: Source | None = None
+_WORKER_META: tuple[np.ndarray, list[str]] | None = None
 
 
 def _init_worker(source: Source | None) -> None:
-    global _WORKER_SOURCE
+    global _WORKER_SOURCE, _WORKER_META
     if source is not None:
-        _WORKER_SOURCE = source
+        _WORKER_SOURCE, _WORKER_META = source, None
+
+
+def _source_meta(source: Source) -> tuple[np.ndarray, list[str]]:
+    """(labels, identity names) of the source, fetched once per process, not once per shard:
+    a source may compute them on each access (SyntheticSource: ~0.8 s and ~450 MB at 2M ids)."""
+    global _WORKER_META
+    if _WORKER_META is None:
+        _WORKER_META = (np.asarray(source.labels), source.identity_names)
+    return _WORKER_META
 
 
 def _encode(data: bytes, opts: ShardOptions) -> tuple[bytes, str]:
@@ -191,7 +201,7 @@ class _Rejected(Exception):
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Write one planned shard atomically; return its journal entry (runs in a worker)."""
     source, opts, path = _WORKER_SOURCE, task["opts"], task["path"]
-    names, labels = source.identity_names, source.labels
+    labels, names = _source_meta(source)
     rejected, samples = [], 0
     with open(path + ".tmp", "wb") as f:
         tar = HashingTarWriter(f)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import io
 import os
 import random
-import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -29,10 +28,75 @@ from facemae_dist.data.shards import load_manifest
 from facemae_dist.errors import FacemaeError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+_USED = frozenset({"cls", *IMAGE_EXTS})  # the members the loader reads
 
 
 class BadShardError(FacemaeError):
     """A shard that cannot be read to the end (truncated or corrupt)."""
+
+
+class _TarError(Exception):
+    pass
+
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
+def _octal_field(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes over 8 GiB)
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a PAX extended header ("LEN key=value\\n" records)."""
+    pos, path = 0, None
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
+
+
+def iter_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members of a ustar / PAX / GNU tar stream, in order.
+
+    ~20x faster than tarfile for small members (WebDataset shards hold 3 per face). Raises
+    _TarError on a bad header checksum (which includes a header cut short; tarfile takes that
+    for the end of the archive) or a member cut short.
+    """
+    next_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if not header.strip(b"\0"):
+            return  # end of archive, or a cut at a member boundary (read_shard checks)
+        try:
+            checksum = _octal_field(header[148:156])
+        except ValueError:
+            checksum = -1
+        if len(header) < _BLOCK or checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise _TarError("bad checksum")
+        size = _octal_field(header[124:136])
+        data, pad = stream.read(size), -size % _BLOCK
+        if len(data) < size or len(stream.read(pad)) < pad:
+            raise _TarError("unexpected end of data")
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name of the next member
+            next_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind == b"x":  # PAX header of the next member
+            next_name = _pax_path(data) or next_name
+        elif kind in _REGULAR:
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar" and header[345]:
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            yield next_name or name.decode("utf-8", "surrogateescape"), data
+            next_name = None
+        else:
+            next_name = None
 
 
 def read_shard(url: str, expected: int | None = None) -> Iterator[dict[str, Any]]:
@@ -41,25 +105,30 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict[str, Any]
     Raises BadShardError naming the shard when it is truncated or corrupt, including a tar cut at
     a member boundary (detected when ``expected``, the manifest's count, is known).
     """
-    count, current = 0, None
+    count, current, members = 0, None, None
     try:
-        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
+        with gopen(url, "rb") as stream:
+            for name, data in iter_tar(stream):
+                key, _, ext = os.path.basename(name).partition(".")
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         count += 1
+                        used = current.keys() & _USED  # what every earlier sample had
+                        members = used if members is None else members & used
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                current[ext.lower()] = data
+    except (_TarError, OSError, EOFError, ValueError) as exc:
         raise BadShardError(
             f"shard {url} is truncated or corrupt ({exc}); re-create it with `facemae shard --resume`"
         ) from None
     if current is not None:
+        if members and not members <= current.keys():  # cut inside the last sample
+            missing = ", ".join(sorted(members - current.keys()))
+            raise BadShardError(
+                f"shard {url} ends inside sample {current['__key__']} (no {missing}): it is "
+                "truncated; re-create it with `facemae shard --resume`"
+            )
         count += 1
         yield current
     if expected is not None and count != expected:
@@ -71,11 +140,15 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict[str, Any]
 
 def decode_face(sample: dict[str, Any]) -> torch.Tensor:
     """uint8 (3, H, W) RGB tensor from a sample's encoded image."""
+    return torch.from_numpy(_decode_array(sample).copy()).permute(2, 0, 1)  # writable
+
+
+def _decode_array(sample: dict[str, Any]) -> np.ndarray:
+    """uint8 (H, W, 3) RGB array of a sample's encoded image (no copy when already RGB)."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             with Image.open(io.BytesIO(sample[ext])) as img:
-                array = np.array(img.convert("RGB"))
-            return torch.from_numpy(array).permute(2, 0, 1)
+                return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     raise BadShardError(f"sample {sample['__key__']} in {sample['__url__']} has no image")
 
 
@@ -189,10 +262,18 @@ class FaceStream(IterableDataset):
     # ------------------------------------------------------------ batching
 
     def _batch(self, samples: list[dict], rng: np.random.Generator) -> dict[str, Any]:
-        images = torch.stack([decode_face(s) for s in samples])
-        if self.flip:
-            flips = torch.from_numpy(rng.random(len(samples)) < 0.5)
-            images[flips] = images[flips].flip(-1)
+        flips = rng.random(len(samples)) < 0.5 if self.flip else np.zeros(len(samples), bool)
+        first = _decode_array(samples[0])
+        hwc = np.empty((len(samples), *first.shape), dtype=np.uint8)  # decoded straight in
+        for i, sample in enumerate(samples):
+            array = first if i == 0 else _decode_array(sample)
+            if array.shape != first.shape:
+                raise BadShardError(
+                    f"sample {sample['__key__']} in {sample['__url__']} is {array.shape[1]}x"
+                    f"{array.shape[0]} px, the batch's first image {first.shape[1]}x{first.shape[0]}"
+                )
+            hwc[i] = array[:, ::-1] if flips[i] else array  # the flip costs nothing here
+        images = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
         labels = torch.tensor([int(s.get("cls", b"-1")) for s in samples], dtype=torch.int64)
         return {
             "image": normalize(images) if self.normalize else images,

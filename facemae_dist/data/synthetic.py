@@ -854,15 +854,23 @@ class SyntheticSource(Source):
     def __len__(self) -> int:
         return self.cfg.num_images
 
-    @property
-    def labels(self) -> np.ndarray:
-        return np.repeat(
+    @functools.cached_property
+    def labels(self) -> np.ndarray:  # cached: the sharder reads it per shard (320 MB at 40M)
+        labels = np.repeat(
             np.arange(self.cfg.num_identities, dtype=np.int64), self.cfg.images_per_identity
         )
+        labels.flags.writeable = False
+        return labels
 
-    @property
-    def identity_names(self) -> list[str]:
+    @functools.cached_property
+    def identity_names(self) -> list[str]:  # cached: 2M names take ~0.8 s to build
         return [identity_name(i) for i in range(self.cfg.num_identities)]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # spawned workers rebuild the caches instead of unpickling
+        state.pop("labels", None)
+        state.pop("identity_names", None)
+        return state
 
     def read(self, index: int) -> SourceRecord:
         if not 0 <= index < len(self):

@@ -13,10 +13,21 @@ import os
 from typing import BinaryIO
 
 BLOCK = 512
+END_OF_ARCHIVE = 2 * BLOCK
+_FLUSH_BYTES = 1 << 20  # members are joined and hashed in ~1 MB chunks
 
 
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\x00" % (width - 1, value)
+
+
+# The fields around the name (0:100), size (124:136) and checksum (148:156) never change.
+_MODE_UID_GID = _octal(0o644, 8) + _octal(0, 8) + _octal(0, 8)  # 100:124
+_MTIME = _octal(0, 12)  # 136:148
+_TAIL = b"0" + bytes(100) + b"ustar\x0000" + b"root".ljust(32, b"\0") * 2  # 156:329
+_TAIL += bytes(BLOCK - 329)  # 329:512
+_FIXED_SUM = sum(_MODE_UID_GID) + sum(_MTIME) + sum(_TAIL) + 8 * ord(" ")
+_ZEROS = bytes(BLOCK)
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -24,28 +35,14 @@ def member_header(name: str, size: int) -> bytes:
     raw = name.encode("ascii")
     if len(raw) > 99:
         raise ValueError(f"tar member name too long: {name!r}")
-    header = bytearray(BLOCK)
-    header[0 : len(raw)] = raw
-    header[100:108] = _octal(0o644, 8)
-    header[108:116] = _octal(0, 8)
-    header[116:124] = _octal(0, 8)
-    header[124:136] = _octal(size, 12)
-    header[136:148] = _octal(0, 12)
-    header[148:156] = b" " * 8  # checksum is computed with this field as spaces
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    header[265:269] = b"root"
-    header[297:301] = b"root"
-    header[148:156] = b"%06o\x00 " % sum(header)
-    return bytes(header)
+    size_field = _octal(size, 12)
+    checksum = b"%06o\x00 " % (_FIXED_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw.ljust(100, b"\0"), _MODE_UID_GID, size_field, _MTIME, checksum, _TAIL))
 
 
 def member_bytes(size: int) -> int:
     """Bytes a member of `size` bytes takes in the archive (header + padded data)."""
     return BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-
-
-END_OF_ARCHIVE = 2 * BLOCK
 
 
 class HashingTarWriter:
@@ -54,23 +51,31 @@ class HashingTarWriter:
     def __init__(self, fileobj: BinaryIO) -> None:
         self._f = fileobj
         self._sha = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self.bytes_written = 0
 
-    def _write(self, chunk: bytes) -> None:
+    def _flush(self) -> None:
+        chunk = b"".join(self._pending)
         self._f.write(chunk)
         self._sha.update(chunk)
-        self.bytes_written += len(chunk)
+        self._pending.clear()
+        self._pending_bytes = 0
 
     def add(self, name: str, data: bytes) -> None:
-        self._write(member_header(name, len(data)))
-        self._write(data)
         pad = -len(data) % BLOCK
-        if pad:
-            self._write(b"\x00" * pad)
+        self._pending += (member_header(name, len(data)), data, _ZEROS[:pad])
+        size = BLOCK + len(data) + pad
+        self._pending_bytes += size
+        self.bytes_written += size
+        if self._pending_bytes >= _FLUSH_BYTES:
+            self._flush()
 
     def close(self) -> str:
         """Write the end-of-archive blocks; return the hex sha256 of the whole file."""
-        self._write(b"\x00" * END_OF_ARCHIVE)
+        self._pending.append(bytes(END_OF_ARCHIVE))
+        self.bytes_written += END_OF_ARCHIVE
+        self._flush()
         self._f.flush()
         os.fsync(self._f.fileno())
         return self._sha.hexdigest()
