@@ -1,6 +1,7 @@
 """`facemae demo`: the main job on the embedded synthetic faces, through the same launchers a
-cluster user runs (the `facemae` CLI for data stages, torchrun with 2 local gloo processes for the
-distributed ones). No network, no GPU. The demo is small configs, not a second implementation.
+cluster user runs (the `facemae` command line for single-process stages, torchrun with 2 local gloo
+processes for the distributed ones). No network, no GPU. The demo is small configs, not a second
+implementation.
 
 1. synthesize faces; shard into seen / unseen / evaluation identities (disjoint)
 2. train a recognizer on seen identities (the IRM teacher and the privacy auditor)
