@@ -94,18 +94,14 @@ def latest(root: Path) -> Path | None:
     return path
 
 
-def load(engine, path: Path) -> dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler) and return this rank's saved state."""
+def load(engine, path: Path) -> list[dict[str, Any]]:
+    """Restore engine (model, optimizer, scheduler); return every saved rank's own state."""
     loaded, _ = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if loaded is None:
         raise FacemaeError(f"cannot load checkpoint {path}: DeepSpeed found no engine state in it")
-    return load_rank_states(path)[dist.detect().rank % world_of(path)]
-
-
-def world_of(path: Path) -> int:
-    return len(list(path.glob("rank*.pt")))
+    return load_rank_states(path)
 
 
 def load_rank_states(path: Path) -> list[dict[str, Any]]:

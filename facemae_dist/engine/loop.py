@@ -325,10 +325,12 @@ def _resume(engine, task: Task, ckpt_root: Path, seed: int) -> FitState:
     if path is None:
         torch.manual_seed(seed + dist.detect().rank)
         return FitState()
-    saved = checkpoint.load(engine, path)
-    if checkpoint.world_of(path) == dist.detect().world_size:
+    states = checkpoint.load(engine, path)
+    info = dist.detect()
+    saved = states[info.rank % len(states)]  # step and position are the same on every rank
+    if len(states) == info.world_size:  # RNG streams are per rank: only restorable 1:1
         checkpoint.set_rng_state(saved["rng"])
-    task.load_rank_states([s["task"] for s in checkpoint.load_rank_states(path)])
+    task.load_rank_states([s["task"] for s in states])
     if dist.detect().is_main:
         print(f"resumed from {path} (step {saved['step']})", flush=True)
     return FitState(step=saved["step"], samples_seen=saved["samples_seen"])
