@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
         sub.add_parser(name, help=f"{help_} (see `facemae {name} --help`)", add_help=False)
+    _add_data_commands(sub)
+    _add_study_commands(sub)
+    return parser
+
+
+def _add_data_commands(sub) -> None:
     p = _add(
         sub,
         "synth",
@@ -230,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_shard,
     )
     add_shard_arguments(p)
+
+
+def _add_study_commands(sub) -> None:
     p = _add(
         sub,
         "demo",
@@ -274,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", nargs="+", required=True, help=".bin pair sets")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="write the results as JSON")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
