@@ -111,12 +111,9 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from facemae_dist.data.synthetic import SynthConfig, write_folder
+    from facemae_dist.data.synthetic import SyntheticSource, write_folder
 
-    ids, _, per = args.size.partition("x")
-    if not (ids.isdigit() and per.isdigit()):
-        raise FacemaeError(f"size {args.size!r}: expected IDSxPER, e.g. 200x20")
-    cfg = SynthConfig(num_identities=int(ids), images_per_identity=int(per), seed=args.seed)
+    cfg = SyntheticSource.from_spec(f"{args.size}:{args.seed}").cfg  # same spec checks as `shard`
     count = write_folder(cfg, args.out_dir)
     print(f"wrote {count:,} faces of {cfg.num_identities:,} identities to {args.out_dir}")
     return 0
