@@ -237,26 +237,35 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- orchestration (main process)
 
 
-def _read_journal(split_dir: Path) -> dict[int, dict[str, Any]]:
+def verified_shards(split_dir: Path, journal_glob: str = _JOURNAL) -> dict[int, dict[str, Any]]:
+    """Journalled shards whose file is complete (size and sha256 match), by shard index.
+
+    Shared by every stage that writes shards resumably (`shard`, `reconstruct`): a line cut by a
+    kill, a missing or damaged file just means that shard is redone.
+    """
     entries: dict[int, dict[str, Any]] = {}
-    path = split_dir / _JOURNAL
-    if path.exists():
-        for line in path.read_text().splitlines():
+    for journal in sorted(split_dir.glob(journal_glob)):
+        for line in journal.read_text().splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut by a kill: that shard is simply redone
-            entries[entry["shard"]] = entry
+                continue
+            path = split_dir / entry["file"]
+            if (
+                path.is_file()
+                and path.stat().st_size == entry["bytes"]
+                and sha256_file(str(path)) == entry["sha256"]
+            ):
+                entries[entry["shard"]] = entry
     return entries
 
 
-def _verified(split_dir: Path, entry: dict[str, Any]) -> bool:
-    path = split_dir / entry["file"]
-    return (
-        path.is_file()
-        and path.stat().st_size == entry["bytes"]
-        and sha256_file(str(path)) == entry["sha256"]
-    )
+def save_manifest(split_dir: Path, manifest: dict) -> dict:
+    """Write manifest.json atomically (readers never see half of it)."""
+    tmp = split_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, split_dir / MANIFEST)
+    return manifest
 
 
 def _prepare_split_dir(split_dir: Path, fingerprint: str, opts: ShardOptions) -> dict[int, dict]:
@@ -279,7 +288,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: str, opts: ShardOptions) ->
     for tmp in split_dir.glob("*.tmp"):
         tmp.unlink()
     plan_file.write_text(json.dumps({"fingerprint": fingerprint}))
-    return {k: e for k, e in _read_journal(split_dir).items() if _verified(split_dir, e)}
+    return verified_shards(split_dir)
 
 
 def _tasks(plan: SplitPlan, split_dir: Path, done: dict[int, dict], opts: ShardOptions):
@@ -354,10 +363,7 @@ def write_manifest(
         "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "progress")},
         "rejected": rejected,
     }
-    tmp = split_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(tmp, split_dir / MANIFEST)
-    return manifest
+    return save_manifest(split_dir, manifest)
 
 
 def shard_dataset(

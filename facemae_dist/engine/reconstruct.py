@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from facemae_dist import dist
-from facemae_dist.data.shards import FORMAT_VERSION, MANIFEST, load_manifest
+from facemae_dist.data.shards import FORMAT_VERSION, load_manifest, save_manifest, verified_shards
 from facemae_dist.data.stream import decode_face, normalize, read_shard
-from facemae_dist.data.tario import HashingTarWriter, sha256_file
+from facemae_dist.data.tario import HashingTarWriter
 from facemae_dist.errors import FacemaeError
 from facemae_dist.progress import ProgressBar
 
@@ -158,22 +158,8 @@ def _add_sample(
 
 
 def _done_entries(out: Path) -> dict[int, dict]:
-    """Shards finished by any rank of an earlier attempt, verified against their journal."""
-    done = {}
-    for journal in out.glob(".journal-rank*.jsonl"):
-        for line in journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # cut by a kill
-            path = out / entry["file"]
-            if (
-                path.is_file()
-                and path.stat().st_size == entry["bytes"]
-                and sha256_file(str(path)) == entry["sha256"]
-            ):
-                done[entry["shard"]] = entry
-    return done
+    """Shards finished by any rank of an earlier attempt, verified against their journals."""
+    return verified_shards(out, ".journal-rank*.jsonl")
 
 
 def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOptions) -> dict | None:
@@ -233,10 +219,7 @@ def _merge_manifest(src: dict, out: Path, opts: ReconstructOptions, input_split:
         "options": {k: v for k, v in asdict(opts).items() if k != "progress"},
         "rejected": [],
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / MANIFEST)
-    return manifest
+    return save_manifest(out, manifest)
 
 
 def parser() -> argparse.ArgumentParser:
