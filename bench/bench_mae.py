@@ -17,6 +17,7 @@ descheduled) swings by several times, while one thread's CPU seconds stay steady
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -148,27 +149,56 @@ def count_macs(module: nn.Module, *inputs: Tensor) -> float:
 
 
 def bench_mae_pair(label: str, cfg: dict, batch: int, iters: int) -> tuple:
-    """Forward+backward img/s of the reference layout and of FaceMAE on the same inputs."""
+    """Forward+backward img/s of the reference layout, of FaceMAE with the same layout (cls token
+    kept: identical computation, so the loss must match) and of FaceMAE as configured by default
+    (no cls token), on the same inputs."""
     torch.manual_seed(0)
+    same = FaceMAE(**cfg, cls_token=True)
+    ref = ReferenceMAE(same, cfg["num_heads"], cfg["decoder_heads"])
     fast = FaceMAE(**cfg)
-    ref = ReferenceMAE(fast, cfg["num_heads"], cfg["decoder_heads"])
+    fast.load_state_dict(
+        {k: v for k, v in same.state_dict().items() if k != "cls_token"}, strict=True
+    )
     imgs = torch.randn(batch, 3, 112, 112)
     # same masks: FaceMAE draws torch.rand(B, L) from its generator, like the noise given to ref
-    noise = torch.rand(batch, fast.num_patches, generator=torch.Generator().manual_seed(1))
-    l_ref = ref(imgs, 0.75, noise)[0]
-    l_fast = fast(imgs, 0.75, generator=torch.Generator().manual_seed(1)).loss
-    diff = abs(l_ref.item() - l_fast.item())
+    noise = torch.rand(batch, same.num_patches, generator=torch.Generator().manual_seed(1))
+    with _autocast():
+        l_ref = ref(imgs, 0.75, noise)[0]
+        l_same = same(imgs, 0.75, generator=torch.Generator().manual_seed(1)).loss
+    diff = abs(l_ref.item() - l_same.item())
 
-    def step_ref() -> None:
-        ref.zero_grad(set_to_none=True)
-        ref(imgs, 0.75, torch.rand(batch, fast.num_patches))[0].backward()
+    def step(model: nn.Module, reference: bool = False) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            with _autocast():
+                if reference:
+                    loss = model(imgs, 0.75, torch.rand(batch, same.num_patches))[0]
+                else:
+                    loss = model(imgs, 0.75).loss
+            loss.backward()
 
-    def step_fast() -> None:
-        fast.zero_grad(set_to_none=True)
-        fast(imgs, 0.75).loss.backward()
+        return run
 
-    t = interleaved({"ref": step_ref, "ours": step_fast}, iters)
-    return label, batch, batch / t["ref"], batch / t["ours"], t["ref"] / t["ours"], diff
+    t = interleaved({"ref": step(ref, True), "same": step(same), "ours": step(fast)}, iters)
+    return (
+        label,
+        batch,
+        batch / t["ref"],
+        t["ref"] / t["same"],
+        batch / t["ours"],
+        t["ref"] / t["ours"],
+        diff,
+    )
+
+
+_precision = "fp32"
+
+
+def _autocast() -> contextlib.AbstractContextManager:
+    """bf16 autocast on the CPU for ``--precision bf16`` (both sides alike), else nothing."""
+    if _precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class SmallTeacher(nn.Module):
@@ -205,14 +235,18 @@ def bench_irm(cfg: dict, batch: int, iters: int, variants: list[str]) -> dict[st
 
     def step_mse() -> None:
         model.zero_grad(set_to_none=True)
-        model(imgs).loss.backward()
+        with _autocast():
+            loss = model(imgs).loss
+        loss.backward()
 
     def step_irm(irm: IRMLoss) -> Callable[[], None]:
         def step() -> None:
             model.zero_grad(set_to_none=True)
-            out = model(imgs)
-            recon = model.images_from_pred(imgs, out.pred, out.mask)
-            (out.loss + irm(imgs, recon)).backward()
+            with _autocast():
+                out = model(imgs)
+                recon = model.images_from_pred(imgs, out.pred, out.mask)
+                loss = out.loss + irm(imgs, recon)
+            loss.backward()
 
         return step
 
@@ -239,10 +273,17 @@ def print_mae(iters: int, with_base: bool) -> None:
         bench_mae_pair("  path only: tiny p8, 0 blocks", {**no_blocks, "patch_size": 8}, 32, iters)
     )
     print(
-        f"{'model':34s} {'batch':>5s} {'ref img/s':>10s} {'ours img/s':>10s} {'ratio':>6s}  |dloss|"
+        f"{'model':34s} {'batch':>5s} {'ref img/s':>10s} {'same layout':>11s} "
+        f"{'ours img/s':>10s} {'ratio':>6s}  |dloss|"
     )
-    for label, b, ref, ours, ratio, diff in rows:
-        print(f"{label:34s} {b:5d} {ref:10.1f} {ours:10.1f} {ratio:5.2f}x  {diff:.1e}")
+    for label, b, ref, same_ratio, ours, ratio, diff in rows:
+        print(
+            f"{label:34s} {b:5d} {ref:10.1f} {same_ratio:10.2f}x {ours:10.1f} {ratio:5.2f}x  {diff:.1e}"
+        )
+    print(
+        "(same layout: FaceMAE with MAE's cls token, the reference's exact computation; ours: the "
+        "default FaceMAE, no cls token)"
+    )
 
 
 def print_irm(iters: int, with_base: bool) -> None:
@@ -275,16 +316,22 @@ def main() -> None:
         default="cpu",
         help="cpu: process CPU seconds; wall: elapsed",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: CPU autocast on both sides of every comparison",
+    )
     args = parser.parse_args()
-    global _clock
-    _clock = CLOCK[args.clock]
+    global _clock, _precision
+    _clock, _precision = CLOCK[args.clock], args.precision
     if args.threads:
         torch.set_num_threads(args.threads)
     iters = 3 if args.quick else 6
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load avg {load:.1f} at start; {args.clock} clock; fp32, mask 0.75, "
+        f"load avg {load:.1f} at start; {args.clock} clock; {args.precision}, mask 0.75, "
         f"median of {iters} alternating steps"
     )
     print_mae(iters, with_base=not args.quick)

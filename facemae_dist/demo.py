@@ -110,6 +110,7 @@ class Demo:
             "--workers",
             "2",
             "--no-progress",
+            "--shuffle",  # batches must mix identities (IRM relates a batch's faces to each other)
         ]
         self.facemae(
             "shard",

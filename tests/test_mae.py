@@ -195,20 +195,22 @@ def slow_forward(model: FaceMAE, x: torch.Tensor, m: Masking) -> tuple[torch.Ten
     tokens = tokens + model.pos_embed[1:]
     idx = m.ids_keep[..., None].expand(-1, -1, d)
     h = torch.gather(tokens, 1, idx)
-    cls = (model.cls_token + model.pos_embed[:1]).expand(x.shape[0], -1, -1)
-    h = torch.cat([cls, h], 1)
+    c = model.num_prefix
+    if c:
+        cls = (model.cls_token + model.pos_embed[:1]).expand(x.shape[0], -1, -1)
+        h = torch.cat([cls, h], 1)
     for blk in model.blocks:
         h = blk(h)
     h = model.decoder_embed(model.norm(h))
     ids_shuffle = torch.cat([m.ids_keep, m.ids_masked], 1)
     ids_restore = torch.argsort(ids_shuffle, 1)
     masked = model.mask_token.expand(x.shape[0], m.ids_masked.shape[1], -1)
-    seq = torch.cat([h[:, 1:], masked], 1)
+    seq = torch.cat([h[:, c:], masked], 1)
     seq = torch.gather(seq, 1, ids_restore[..., None].expand(-1, -1, h.shape[2]))
-    h = torch.cat([h[:, :1], seq], 1) + model.decoder_pos_embed
+    h = torch.cat([h[:, :c], seq], 1) + model.decoder_pos_embed[1 - c :]
     for blk in model.decoder_blocks:
         h = blk(h)
-    pred = model.decoder_pred(model.decoder_norm(h))[:, 1:]
+    pred = model.decoder_pred(model.decoder_norm(h))[:, c:]
     target = patchify(x, p)
     if model.norm_pix_loss:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
@@ -217,10 +219,14 @@ def slow_forward(model: FaceMAE, x: torch.Tensor, m: Masking) -> tuple[torch.Ten
     return loss, pred
 
 
+@pytest.mark.parametrize("cls_token", [False, True])
 @pytest.mark.parametrize("patch", [8, 16])
 @pytest.mark.parametrize("norm_pix", [False, True])
-def test_fast_path_equals_straightforward_computation(patch: int, norm_pix: bool) -> None:
-    model, x = small_model(patch_size=patch, norm_pix_loss=norm_pix), images()
+def test_fast_path_equals_straightforward_computation(
+    patch: int, norm_pix: bool, cls_token: bool
+) -> None:
+    model = small_model(patch_size=patch, norm_pix_loss=norm_pix, cls_token=cls_token)
+    x = images()
     m = model.random_masking(4, generator=gen(7))
     out = model(x, masking=m)
     loss, pred = slow_forward(model, x, m)

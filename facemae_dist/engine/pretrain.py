@@ -237,8 +237,11 @@ def load_facemae(run_dir: str | Path) -> torch.nn.Module:
             f"{run_dir} has no model.json: pass the folder of a finished `facemae pretrain` run"
         )
     meta = json.loads(meta_file.read_text())
-    model = timm.create_model(meta["name"], **meta["kwargs"])
-    model.load_state_dict(load_file(str(run_dir / "facemae.safetensors")))
+    state = load_file(str(run_dir / "facemae.safetensors"))
+    # runs exported before the cls token became optional carry one (the MAE layout)
+    kwargs = {"cls_token": "cls_token" in state, **meta["kwargs"]}
+    model = timm.create_model(meta["name"], **kwargs)
+    model.load_state_dict(state)
     return model.eval()
 
 

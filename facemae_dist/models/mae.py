@@ -5,9 +5,12 @@ Layout (as in MAE, He et al. 2021, and FaceMAE, arXiv 2205.11090):
 * images ``(B, 3, 112, 112)`` normalised as ``(x/255 - 0.5)/0.5`` are cut into ``L`` patches of
   ``p x p`` pixels (``p`` = 8 or 16); each sample keeps ``K = int(L * (1 - mask_ratio))`` patches chosen by
   argsort of uniform noise (optionally drawn from a ``torch.Generator``);
-* the encoder (timm ``Block``, fused attention) sees the cls token and the ``K`` visible patches only;
-* the decoder sees the cls token, the ``K`` encoded patches and ``L - K`` shared mask tokens, each with
-  fixed 2-D sin-cos position embeddings (non-trainable buffers), and predicts every patch's pixels;
+* the encoder (timm ``Block``, fused attention) sees the ``K`` visible patches only;
+* the decoder sees the ``K`` encoded patches and ``L - K`` shared mask tokens, each with fixed 2-D
+  sin-cos position embeddings (non-trainable buffers), and predicts every patch's pixels;
+* no cls token by default: MAE carries one for classification fine-tuning, but FaceMAE's loss and
+  its reconstructions never read it, and it costs one more token in every block (~8% of a p16
+  encoder's work). ``cls_token=True`` restores the exact MAE layout (tested equal to it);
 * the loss is the MSE over *masked* patches only, optionally against per-patch normalised pixels
   (``norm_pix_loss``).
 
@@ -217,6 +220,7 @@ class FaceMAE(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
         drop_path_rate: float = 0.0,
+        cls_token: bool = False,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -231,7 +235,8 @@ class FaceMAE(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
 
         self.patch_embed = nn.Linear(self.patch_dim, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.num_prefix = int(cls_token)  # tokens before the patches in every sequence
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid_size), False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -263,7 +268,8 @@ class FaceMAE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
     # ---------------------------------------------------------------- helpers
@@ -290,34 +296,36 @@ class FaceMAE(nn.Module):
     # ---------------------------------------------------------------- encoder / decoder
 
     def forward_encoder(self, patches: Tensor, masking: Masking) -> Tensor:
-        """Encode the visible patches: ``(B, L, p*p*C)`` patches -> ``(B, 1 + K, D)`` latent."""
+        """Encode the visible patches: ``(B, L, p*p*C)`` patches -> ``(B, prefix + K, D)`` latent."""
         b, keep = masking.ids_keep.shape
         flat_keep = masking.flat(masking.ids_keep)
         visible = patches.reshape(-1, self.patch_dim).index_select(0, flat_keep)
         pos = self.pos_embed.index_select(0, masking.ids_keep.reshape(-1) + 1)
-        x = self.patch_embed(visible) + pos
-        cls = (self.cls_token + self.pos_embed[:1]).expand(b, 1, -1)
-        x = torch.cat([cls, x.view(b, keep, -1)], dim=1)
+        x = (self.patch_embed(visible) + pos).view(b, keep, -1)
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos_embed[:1]).expand(b, 1, -1)
+            x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward_decoder(self, latent: Tensor, masking: Masking) -> Tensor:
-        """Decode ``(B, 1 + K, D)`` latent to ``(B, L, p*p*C)`` predicted patches."""
+        """Decode ``(B, prefix + K, D)`` latent to ``(B, L, p*p*C)`` predicted patches."""
         b, keep = masking.ids_keep.shape
-        n = self.num_patches + 1
+        c = self.num_prefix
+        n = self.num_patches + c
         x = self.decoder_embed(latent)
-        # positions (0 = cls, 1 + patch index) of the tokens in x, flattened over the batch
-        slots = torch.cat([masking.ids_keep.new_zeros(b, 1), masking.ids_keep + 1], dim=1)
-        x = x.reshape(b * (keep + 1), -1) + self.decoder_pos_embed.index_select(
-            0, slots.reshape(-1)
-        )
-        # one buffer of mask token + position for every slot; visible tokens and cls written over it
-        base = (self.mask_token[0] + self.decoder_pos_embed).repeat(b, 1)
-        x = base.index_copy_(0, masking.flat(slots, n), x).view(b, n, -1)
+        # rows of the position table (0 = cls, 1 + patch index) of the tokens in x
+        rows = masking.ids_keep + 1
+        if c:
+            rows = torch.cat([rows.new_zeros(b, 1), rows], dim=1)
+        x = x.reshape(b * (keep + c), -1) + self.decoder_pos_embed.index_select(0, rows.reshape(-1))
+        # one buffer of mask token + position for every slot; visible tokens (and cls) written over it
+        base = (self.mask_token[0] + self.decoder_pos_embed[1 - c :]).repeat(b, 1)
+        x = base.index_copy_(0, masking.flat(rows - (1 - c), n), x).view(b, n, -1)
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_norm(x[:, 1:])
+        x = self.decoder_norm(x[:, c:])
         return self.decoder_pred(x)
 
     def forward_loss(self, patches: Tensor, pred: Tensor, masking: Masking) -> Tensor:
