@@ -212,3 +212,45 @@ def test_precomputed_original_embeddings() -> None:
     with torch.no_grad():
         emb = irm.embed(x)
     assert irm(None, rec, emb_original=emb).item() == pytest.approx(irm(x, rec).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "mobilefacenet"])
+def test_batchnorm_folding_keeps_the_teacher_output(arch: str) -> None:
+    from facemae_dist.losses.irm import fold_batchnorm, freeze
+    from facemae_dist.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone(arch, 64)
+    for m in net.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    net = freeze(net)
+    x = faces(4)
+    with torch.no_grad():
+        before = net(x)
+        bns = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        after = fold_batchnorm(net)(x)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) < bns
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert all(not p.requires_grad for p in net.parameters())
+
+
+def test_teacher_precision_follows_the_engine_or_the_config(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from facemae_dist.engine.pretrain import IRMConfig, PretrainConfig, build_irm, validate
+    from facemae_dist.models.backbones import build_backbone
+
+    path = tmp_path / "teacher.safetensors"
+    save_file(build_backbone("tiny", 32).state_dict(), str(path))
+    cfg = IRMConfig(teacher=str(path), teacher_arch="tiny", teacher_embedding=32)
+    assert build_irm(cfg, torch.device("cpu"), "fp32").autocast_dtype is None
+    assert build_irm(cfg, torch.device("cpu"), "bf16").autocast_dtype == torch.bfloat16
+    cfg.teacher_precision = "bf16"
+    assert build_irm(cfg, torch.device("cpu"), "fp32").autocast_dtype == torch.bfloat16
+    bad = PretrainConfig()
+    bad.irm = IRMConfig(weight=0.0, teacher_precision="fp16")
+    with pytest.raises(FacemaeError, match="irm.teacher_precision must be"):
+        validate(bad, 1)

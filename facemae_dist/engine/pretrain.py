@@ -51,6 +51,7 @@ class IRMConfig:
     similarity: str = "cosine"  # cosine | dot
     direction: str = "forward"  # forward KL(orig||recon) | reverse | symmetric
     paste_visible: bool = True  # IRM sees reconstructions with the visible patches pasted back
+    teacher_precision: str | None = None  # fp32 | bf16 (autocast); None: engine.precision
 
 
 @dataclass
@@ -97,6 +98,10 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
             )
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise FacemaeError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.irm.teacher_precision not in (None, "fp32", "bf16"):
+        raise FacemaeError(
+            f"irm.teacher_precision must be fp32, bf16 or null, got {cfg.irm.teacher_precision!r}"
+        )
     if cfg.engine.precision not in ("fp32", "bf16"):
         raise FacemaeError(
             f"engine.precision must be fp32 or bf16 (fp16 is not supported), got {cfg.engine.precision}"
@@ -105,7 +110,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
     return micro
 
 
-def build_irm(cfg: IRMConfig, device: torch.device):
+def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp32"):
     if cfg.weight <= 0:
         return None
     from facemae_dist.losses.irm import IRMLoss, load_teacher
@@ -114,7 +119,14 @@ def build_irm(cfg: IRMConfig, device: torch.device):
     teacher = load_teacher(
         cfg.teacher, lambda: build_backbone(cfg.teacher_arch, cfg.teacher_embedding)
     )
-    return IRMLoss(teacher.to(device), cfg.temperature, cfg.similarity, cfg.direction)
+    precision = cfg.teacher_precision or engine_precision
+    return IRMLoss(
+        teacher.to(device),
+        cfg.temperature,
+        cfg.similarity,
+        cfg.direction,
+        autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+    )
 
 
 # ---------------------------------------------------------------- the task
@@ -175,7 +187,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     model = build_model(cfg.model)
     run = start_run(cfg, model, micro, "facemae pretrain")
     info, device, run_dir, engine = run.info, run.device, run.run_dir, run.engine
-    task = MAETask(cfg, build_irm(cfg.irm, device), device, info.rank)
+    task = MAETask(cfg, build_irm(cfg.irm, device, cfg.engine.precision), device, info.rank)
     state = fit(engine, task, run.stream, cfg.run, cfg.engine.grad_accum)
     weights = run_dir / "facemae.safetensors"
     checkpoint.export_module(engine, weights, cfg.engine.zero_stage)
