@@ -122,7 +122,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from facemae_dist.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
 
 
@@ -245,6 +245,12 @@ def _add_study_commands(sub) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--quick", action="store_true", help="a smaller run for CI (minutes)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="another draw of faces, splits, masks and weights (a seed always gives the same table)",
+    )
     p = _add(
         sub,
         "sweep",

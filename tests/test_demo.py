@@ -19,10 +19,13 @@ BIN = Path(sys.executable).parent
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
-        [str(BIN / "facemae"), "demo", "--quick", "--out", str(out)], capture_output=True, text=True
+        [str(BIN / "facemae"), "demo", "--quick", "--out", str(out), "--seed", "1"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:] + (out / "demo.log").read_text()[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["seed"] == 1  # a non-default seed reaches every stage's command line
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == set(METHODS)
     for row in rows.values():
