@@ -46,6 +46,7 @@ _COLUMNS = [
     ("leak_top1", "leakage top-1", "{:.3f}"),
     ("leak_top5", "leakage top-5", "{:.3f}"),
     ("leak_source_top1", "own image ranked first", "{:.3f}"),
+    ("teacher_leak_top1", "top-1 by the IRM teacher", "{:.3f}"),
 ]
 
 
@@ -154,6 +155,8 @@ def write_sweep_report(report: dict, out: Path) -> None:
         method: [(r.get("leak_top1", 0.0), r["acc"], f"{r['mask_ratio']:g}") for r in rows]
         for method, rows in report["curves"].items()
     }
+    for r in report.get("fixed", []):  # methods without a mask ratio, from the demo's own table
+        points[f"{r['method']} (no mask)"] = [(r.get("leak_top1", 0.0), r["acc"], "")]
     plot = privacy_utility_plot(points, out / "sweep_privacy_utility.png", "mask-ratio sweep")
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     for method, rows in report["curves"].items():

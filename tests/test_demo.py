@@ -30,6 +30,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(rows) == set(METHODS)
     for row in rows.values():
         assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["leak_top1"] <= 1.0
+        assert 0.0 <= row["teacher_leak_top1"] <= 1.0  # leakage judged by the IRM teacher as well
+    assert (out / "auditor/backbone.safetensors").is_file()  # the independent auditor
     # released originals are the original faces: the auditor finds each one's own source
     assert rows["original"]["leak_source_top1"] > 0.9
     # masking 75% of every face must make retrieval of the source image much harder
@@ -45,7 +47,9 @@ def test_quick_demo_end_to_end(tmp_path):
         text=True,
     )
     assert swept.returncode == 0, swept.stderr[-3000:]
-    curves = json.loads((out / "sweep.json").read_text())["curves"]
+    sweep = json.loads((out / "sweep.json").read_text())
+    curves = sweep["curves"]
+    assert {r["method"] for r in sweep["fixed"]} == {"blur", "noise"}  # drawn as reference points
     assert set(curves) == {"masked", "facemae_mse", "facemae_irm"}
     assert all(points[0]["mask_ratio"] == 0.9 for points in curves.values())
     assert (out / "sweep_privacy_utility.png").stat().st_size > 1000
