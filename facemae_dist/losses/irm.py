@@ -19,7 +19,7 @@ choices are ours. Each is an argument of :class:`IRMLoss` / :func:`relation_kl`,
   used by contrastive and relational distillation losses (about 0.05-0.2). At 1.0 rows are nearly
   uniform and the signal fades; much lower values keep only the nearest neighbour of each face.
   Measured in the CPU demo (micro MAE, tiny teacher, weight 1): at 0.5 the reconstructions and their
-  leakage are those of MSE-only; at 0.1 leakage drops five-fold at the same verification accuracy,
+  leakage are those of MSE-only; at 0.1 leakage drops four-fold at the same verification accuracy,
   and the teacher's gradient paints teacher-specific patterns into the masked patches (blurring the
   teacher's input, sigma 1.5 px, turned them into coarser patterns, not into faces).
 * ``direction="forward"``: ``KL(P_orig || P_recon)``, mass-covering: every relation the original batch
