@@ -274,3 +274,23 @@ def test_create_model_micro_runs() -> None:
     assert torch.isfinite(out.loss)
     with pytest.raises(FacemaeError, match="pretrained"):
         timm.create_model("facemae_vit_micro_patch16_112", pretrained=True)
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_exports_with_and_without_cls_token_load(tmp_path, cls_token: bool) -> None:
+    """Runs exported before the cls token became optional carry one; load_facemae detects it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from facemae_dist.engine.pretrain import load_facemae
+
+    model = timm.create_model("facemae_vit_micro_patch16_112", cls_token=cls_token)
+    save_file(model.state_dict(), str(tmp_path / "facemae.safetensors"))
+    meta = {"name": "facemae_vit_micro_patch16_112", "kwargs": {"img_size": 112}}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    loaded = load_facemae(tmp_path)
+    assert (loaded.cls_token is not None) == cls_token
+    x, m = images(2), model.random_masking(2, generator=gen(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, masking=m).pred, model.eval()(x, masking=m).pred)
