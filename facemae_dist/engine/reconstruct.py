@@ -127,11 +127,14 @@ def release_shard(releaser: Releaser, url: str, expected: int, out_path: Path, s
     samples = 0
     with open(tmp, "wb") as f:
         tar = HashingTarWriter(f)
-        for batch in _batches(url, expected, o.batch_size):
-            images = normalize(torch.stack([decode_face(s) for s in batch])).to(releaser.device)
-            for copy in range(o.copies):
-                gen = torch.Generator().manual_seed(o.seed * 1_000_003 + shard * 1009 + copy)
-                released = releaser(images, gen)
+        # one pass over the shard per copy: copies of a face are not neighbours in the output (a
+        # trainer's shuffle buffer would put them in one batch), and one generator per (shard, copy)
+        # runs on across batches, so no two faces of a shard share a mask
+        for copy in range(o.copies):
+            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + shard * 1009 + copy)
+            for batch in _batches(url, expected, o.batch_size):
+                images = torch.stack([decode_face(s) for s in batch])
+                released = releaser(normalize(images).to(releaser.device), gen)
                 for sample, image in zip(batch, released, strict=True):
                     _add_sample(tar, sample, image, copy, o)
                     samples += 1
