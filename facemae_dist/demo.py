@@ -133,20 +133,22 @@ class Demo:
     def pairs(self) -> Path:
         return self.out / "eval_pairs.bin"
 
-    def recognizer(self, train_split: Path, run_dir: Path, steps: int, *extra: str) -> None:
+    def recognizer(
+        self, train_split: Path, run_dir: Path, steps: int, seed: int = 0, *extra: str
+    ) -> None:
+        """A tiny recognizer; ``seed`` is added to the demo's seed, ``extra`` are more overrides."""
         self.torchrun(
             "facemae_dist.train", "--config", str(_configs() / "recog/tiny_cpu.yaml"),
             f"data.train={train_split}", f"run.out_dir={run_dir}", f"run.max_steps={steps}",
             f"data.global_batch={self.size.recog_batch}", f"eval.pairs=[{self.pairs}]",
-            f"run.ckpt_every={max(10, steps // 2)}", "export_onnx=false", f"run.seed={self.seed}",
+            f"run.ckpt_every={max(10, steps // 2)}", "export_onnx=false", f"run.seed={self.seed + seed}",
             *extra,
         )  # fmt: skip
 
     def auditor(self) -> None:
         """The leakage auditor: seen identities like the teacher, but its own seed and width."""
-        steps = self.size.teacher_steps
-        extra = (f"run.seed={self.seed + 7}", "backbone.embedding_size=256")
-        self.recognizer(self.out / "shards/train", self.out / "auditor", steps, *extra)
+        steps, width = self.size.teacher_steps, "backbone.embedding_size=256"
+        self.recognizer(self.out / "shards/train", self.out / "auditor", steps, 7, width)
 
     def pretrain(self, run_dir: Path, irm: bool) -> None:
         # IRM at the toolkit's default weight 1.0. Weights 0.1 / 0.3 / 1.0 gave verification 0.715 /

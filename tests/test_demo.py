@@ -53,3 +53,15 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(curves) == {"masked", "facemae_mse", "facemae_irm"}
     assert all(points[0]["mask_ratio"] == 0.9 for points in curves.values())
     assert (out / "sweep_privacy_utility.png").stat().st_size > 1000
+
+
+def test_sweep_without_a_finished_demo_names_the_fix(tmp_path):
+    from facemae_dist.demo import run_sweep
+    from facemae_dist.errors import FacemaeError
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher/backbone.safetensors").write_bytes(
+        b""
+    )  # a run cut short: no auditor, no MAE
+    with pytest.raises(FacemaeError, match="holds no finished demo: run `facemae demo --out"):
+        run_sweep(str(tmp_path), [0.5])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -127,17 +128,29 @@ def release_shard(releaser: Releaser, url: str, expected: int, out_path: Path, s
     samples = 0
     with open(tmp, "wb") as f:
         tar = HashingTarWriter(f)
-        # one pass over the shard per copy: copies of a face are not neighbours in the output (a
-        # trainer's shuffle buffer would put them in one batch), and one generator per (shard, copy)
-        # runs on across batches, so no two faces of a shard share a mask
-        for copy in range(o.copies):
-            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + shard * 1009 + copy)
-            for batch in _batches(url, expected, o.batch_size):
-                images = torch.stack([decode_face(s) for s in batch])
-                released = releaser(normalize(images).to(releaser.device), gen)
+        # each face is decoded once; every copy draws its masks from its own generator (seeded by
+        # shard and copy, running on across batches, so no two faces of a shard share a mask).
+        # Copy 0 streams out; later copies are kept encoded (a few KB a face) and written after it,
+        # so copies of one face are not neighbours for a trainer's shuffle buffer
+        gens = [
+            torch.Generator().manual_seed(o.seed * 1_000_003 + shard * 1009 + c)
+            for c in range(o.copies)
+        ]
+        later: list[list[tuple[str, bytes]]] = [[] for _ in gens[1:]]
+        for batch in _batches(url, expected, o.batch_size):
+            images = normalize(torch.stack([decode_face(s) for s in batch])).to(releaser.device)
+            for copy, gen in enumerate(gens):
+                released = releaser(images, gen)
                 for sample, image in zip(batch, released, strict=True):
-                    _add_sample(tar, sample, image, copy, o)
+                    files = _sample_files(sample, image, copy, o)
+                    if copy:
+                        later[copy - 1] += files
+                    else:
+                        for name, data in files:
+                            tar.add(name, data)
                     samples += 1
+        for name, data in itertools.chain.from_iterable(later):
+            tar.add(name, data)
         sha = tar.close()
     os.replace(tmp, out_path)
     return {
@@ -149,15 +162,18 @@ def release_shard(releaser: Releaser, url: str, expected: int, out_path: Path, s
     }
 
 
-def _add_sample(
-    tar: HashingTarWriter, sample: dict, image: torch.Tensor, copy: int, o: ReconstructOptions
-) -> None:
+def _sample_files(
+    sample: dict, image: torch.Tensor, copy: int, o: ReconstructOptions
+) -> list[tuple[str, bytes]]:
+    """The tar members of one released face: JPEG, label, and metadata naming its source."""
     key = f"{sample['__key__']}_{copy}"
     meta = json.loads(sample.get("json", b"{}"))
     meta.update(source_key=sample["__key__"], method=o.method, mask_ratio=o.mask_ratio, copy=copy)
-    tar.add(f"{key}.jpg", _jpeg(image, o.jpeg_quality))
-    tar.add(f"{key}.cls", sample["cls"])
-    tar.add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+    return [
+        (f"{key}.jpg", _jpeg(image, o.jpeg_quality)),
+        (f"{key}.cls", sample["cls"]),
+        (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+    ]
 
 
 def _done_entries(out: Path) -> dict[int, dict]:

@@ -236,7 +236,6 @@ class FaceMAE(nn.Module):
 
         self.patch_embed = nn.Linear(self.patch_dim, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
-        self.num_prefix = int(cls_token)  # tokens before the patches in every sequence
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid_size), False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -273,6 +272,11 @@ class FaceMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     # ---------------------------------------------------------------- helpers
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patches in every sequence: 1 with a cls token, else 0."""
+        return int(self.cls_token is not None)
 
     def patchify(self, images: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> ``(B, L, p*p*C)``."""
