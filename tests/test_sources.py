@@ -568,6 +568,15 @@ def test_open_source_synthetic_is_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == ["ids=10,per_id=5"]
 
 
+def test_open_source_auto_reads_a_synthetic_spec(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    source = open_source("3x2:5")
+    assert len(source) == 6 and type(source).__name__ == "SyntheticSource"
+    (tmp_path / "3x2").mkdir()  # a real folder of that name wins over the spec
+    with pytest.raises(FacemaeError, match="no images found in 3x2"):
+        open_source("3x2")
+
+
 def test_open_source_errors(tmp_path: Path) -> None:
     with pytest.raises(FacemaeError, match="does not exist"):
         open_source(str(tmp_path / "nope"))

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import pickle
+import re
 import struct
 import warnings
 from abc import ABC, abstractmethod
@@ -980,11 +981,14 @@ def _detect_format(path: str) -> str:
     return "list"
 
 
+_SYNTHETIC_SPEC = re.compile(r"\d+x\d+(:\d+)?")
+
+
 def open_source(path: str | os.PathLike[str], fmt: str = "auto") -> Source:
     """Open a face source: ``fmt`` is one of auto, folder, list, recordio, synthetic.
 
     auto: a folder holding a .rec file, or a .rec file → RecordIO; another folder → image
-    folder; another file → list. synthetic: ``path`` is a synthetic-data spec
+    folder; another file → list; no such path but an ``IDSxPER[:SEED]`` spec → synthetic. synthetic: ``path`` is a synthetic-data spec
     (see :mod:`facemae_dist.data.synthetic`). Raises FacemaeError for a missing path, an
     unknown format, or a source without images.
     """
@@ -993,7 +997,9 @@ def open_source(path: str | os.PathLike[str], fmt: str = "auto") -> Source:
         raise FacemaeError(
             f"unknown source format {fmt!r} for {path}; choose one of {', '.join(SOURCE_FORMATS)}"
         )
-    if fmt == "synthetic":
+    if fmt == "synthetic" or (
+        fmt == "auto" and not os.path.exists(path) and _SYNTHETIC_SPEC.fullmatch(path)
+    ):
         from facemae_dist.data.synthetic import SyntheticSource
 
         return SyntheticSource.from_spec(path)

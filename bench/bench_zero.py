@@ -1,0 +1,237 @@
+"""Pretraining throughput under DeepSpeed ZeRO: images/s per device and model FLOPs utilisation.
+
+Each model runs the real training step (``MAETask.losses`` → ``engine.backward`` → ``engine.step``,
+the code ``facemae pretrain`` runs) on a DeepSpeed engine built by ``build_engine``, with random
+112 px images already on the device: the number is the model's step rate, not the loader's (see
+``bench_loader.py`` for that). Optionally with IRM through a randomly initialised teacher (speed does
+not depend on its weights), which also gives the IRM overhead at that size.
+
+FLOPs per image are counted once with ``torch.utils.flop_counter`` on a forward+backward of the plain
+model (attention through the math kernel so that its matmuls are counted; masked tokens skip the
+encoder, so this is what the model really computes at the mask ratio). MFU = achieved FLOP/s / the
+device's dense bf16 peak (a table of common GPUs; ``--peak-tflops`` for others or for the CPU).
+
+GPU: ``python bench/bench_zero.py`` (ViT-B/8 and ViT-B/16, ZeRO-2, bf16). Multi-GPU:
+``torchrun --nproc_per_node 8 bench/bench_zero.py``; every rank runs its micro-batch, rank 0 prints.
+CPU smoke run (what the tests run): ``python bench/bench_zero.py --model facemae_vit_micro_patch16_112
+--micro-batch 2 --steps 2 --warmup 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+
+from facemae_dist import dist  # noqa: E402
+from facemae_dist.engine.loop import EngineConfig, OptimConfig, build_engine  # noqa: E402
+from facemae_dist.engine.pretrain import (  # noqa: E402
+    IRMConfig,
+    MAETask,
+    ModelConfig,
+    PretrainConfig,
+    build_model,
+)
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched as
+# substrings of torch.cuda.get_device_name(); the first match wins, so longer names come first.
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "GH200": 989.4,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def peak_tflops(name: str, precision: str, override: float | None) -> float | None:
+    """The device's peak for ``precision``: ``override`` if given, else the bf16 table (GPUs only)."""
+    if override:
+        return override
+    if precision != "bf16":
+        return None
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_image(
+    name: str, kwargs: dict[str, Any], mask_ratio: float, irm_arch: str | None
+) -> float:
+    """Forward+backward FLOPs per image of the plain model at ``mask_ratio`` (CPU, fp32, batch 2),
+    plus, with IRM, the teacher's: a forward on the originals, a forward and an input-gradient
+    backward on the reconstructions."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, kwargs=kwargs))
+    images = torch.randn(2, 3, 112, 112)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        out = model(images, mask_ratio)
+        loss = out.loss
+        if irm_arch:
+            recon = model.images_from_pred(images, out.pred, out.mask)
+            loss = loss + _irm_loss(irm_arch, None)(images, recon)
+        loss.backward()
+    return counter.get_total_flops() / 2
+
+
+def _irm_loss(arch: str, dtype: torch.dtype | None) -> torch.nn.Module:
+    """IRM through a randomly initialised, frozen teacher (speed does not depend on its weights)."""
+    from facemae_dist.losses.irm import IRMLoss, freeze
+    from facemae_dist.models.backbones import build_backbone
+
+    return IRMLoss(freeze(build_backbone(arch, IRMConfig.teacher_embedding)), autocast_dtype=dtype)
+
+
+def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dict[str, Any]:
+    """Time ``args.steps`` training steps of one model after ``args.warmup`` untimed ones."""
+    device = dist.device(info)
+    kwargs = json.loads(args.model_kwargs)
+    cfg = PretrainConfig(
+        model=ModelConfig(name=name, mask_ratio=args.mask_ratio, kwargs=kwargs),
+        irm=IRMConfig(weight=1.0 if args.irm else 0.0, teacher_arch=args.irm or "iresnet50"),
+        optim=OptimConfig(warmup_steps=1),
+        engine=EngineConfig(zero_stage=args.zero, precision=args.precision),
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    total = args.warmup + args.steps
+    engine = build_engine(model, cfg.optim, cfg.engine, args.micro_batch, total, total)
+    irm = None
+    if args.irm:
+        bf16 = torch.bfloat16 if args.precision == "bf16" else None
+        irm = _irm_loss(args.irm, bf16).to(device)
+    task = MAETask(cfg, irm, device, info.rank)
+    gen = torch.Generator(device=device).manual_seed(info.rank)
+    batch = {"image": torch.randn(args.micro_batch, 3, 112, 112, generator=gen, device=device)}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(total):
+        if step == args.warmup:
+            sync()
+            dist.barrier()
+            start = time.perf_counter()
+        losses = task.losses(engine, batch)
+        engine.backward(losses["loss"])
+        engine.step()
+    sync()
+    seconds = time.perf_counter() - start
+    loss = float(losses["loss"].detach().float())
+    if not torch.isfinite(torch.tensor(loss)):
+        raise RuntimeError(f"{name}: non-finite loss {loss} in the benchmark")
+    flops = flops_per_image(name, kwargs, args.mask_ratio, args.irm)
+    img_s = args.micro_batch * args.steps / seconds
+    dev_name = device_name(device)
+    peak = peak_tflops(dev_name, args.precision, args.peak_tflops)
+    result = {
+        "model": name,
+        "device": dev_name,
+        "world_size": info.world_size,
+        "zero_stage": args.zero,
+        "precision": args.precision,
+        "irm_teacher": args.irm,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "images_per_s_per_device": img_s,
+        "gflop_per_image": flops / 1e9,
+        "achieved_tflops": img_s * flops / 1e12,
+        "peak_tflops": peak,
+        "mfu": img_s * flops / (peak * 1e12) if peak else None,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        ),
+        "last_loss": loss,
+    }
+    del engine, task, model, irm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model",
+        action="append",
+        help="timm preset (repeatable; default facemae_vit_base_patch8_112 and _patch16_112)",
+    )
+    p.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"decoder_depth\": 4}'")
+    p.add_argument("--micro-batch", type=int, default=128 if gpu else 4, help="per device")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if gpu else "fp32")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--irm", metavar="ARCH", help="also run IRM through a teacher of this backbone")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table)")
+    p.add_argument("--json", type=Path, help="write the results here (rank 0)")
+    p.add_argument("--quick", action="store_true", help="micro model, 3 steps (a smoke run)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.model = args.model or ["facemae_vit_micro_patch16_112"]
+        args.micro_batch, args.steps, args.warmup = min(args.micro_batch, 4), 3, 1
+    models = args.model or ["facemae_vit_base_patch8_112", "facemae_vit_base_patch16_112"]
+    info = dist.init()
+    results = []
+    for name in models:
+        r = bench_model(args, name, info)
+        results.append(r)
+        if info.is_main:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak known)"
+            mem = f", peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else ""
+            irm = f" + IRM ({r['irm_teacher']})" if r["irm_teacher"] else ""
+            print(
+                f"{name}{irm}: {r['images_per_s_per_device']:.1f} img/s per device on "
+                f"{r['world_size']} x {r['device']} (ZeRO-{r['zero_stage']}, {r['precision']}, "
+                f"micro-batch {r['micro_batch']}); {r['gflop_per_image']:.1f} GFLOP/img fwd+bwd, "
+                f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu}{mem}",
+                flush=True,
+            )
+    if info.is_main and args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    dist.shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The prepared device check for a GPU machine (one call, ~4 minutes on an H100/H200):
+#   1. bf16 smoke runs of the real CLIs: shard synthetic faces, train a tiny recognizer, pretrain
+#      FaceMAE with IRM through it under DeepSpeed ZeRO-2, reconstruct the unseen split;
+#   2. throughput: ViT-B/8 and ViT-B/16 at 112 px, bf16, ZeRO-2, img/s per GPU and MFU, and
+#      ViT-B/16 with IRM through an iresnet50 teacher (bench/bench_zero.py).
+# The GPU image has torch/timm/accelerate/rich but not deepspeed/webdataset/submitit: `make gpu-wheels`
+# here puts them into .whl/, which this script installs when it finds it (carry `.whl` to the device).
+# Results go to $OUT (default runs/gpu-check): zero.json, zero_irm.json, the runs' logs.
+# Also runs on a CPU machine (fp32, micro-batches of 4) to check the script itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/facemae-site .whl/*.whl
+  export PYTHONPATH=/tmp/facemae-site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  export DS_ACCELERATOR=cuda PREC=bf16 MICRO=128
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+else
+  export DS_ACCELERATOR=cpu PREC=fp32 MICRO=4
+fi
+W=/tmp/facemae-gpu-check
+rm -rf "$W"
+facemae() { python3 -m facemae_dist "$@"; }
+
+echo "== 1. smoke: shard -> train (teacher) -> pretrain (IRM, ZeRO-2, $PREC) -> reconstruct"
+facemae shard 48x12 "$W/shards" --shuffle --holdout-identities 8 --no-progress
+facemae train --config configs/recog/tiny_cpu.yaml data.train="$W/shards/train" \
+  run.out_dir="$W/teacher" run.max_steps=30 engine.precision="$PREC" 2>&1 | tee "$OUT/train.log"
+facemae pretrain --config configs/mae/tiny_cpu.yaml data.train="$W/shards/train" \
+  run.out_dir="$W/mae" run.max_steps=30 engine.precision="$PREC" irm.weight=1.0 \
+  irm.teacher="$W/teacher/backbone.safetensors" irm.teacher_arch=tiny irm.teacher_embedding=128 \
+  2>&1 | tee "$OUT/pretrain.log"
+facemae reconstruct --model "$W/mae" "$W/shards/unseen" "$W/release" 2>&1 | tee "$OUT/reconstruct.log"
+cp "$W"/mae/images/*.png "$OUT/" 2>/dev/null || true; cp "$W"/mae/metrics.jsonl "$OUT/"
+
+echo "== 2. throughput: bench/bench_zero.py"
+python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --json "$OUT/zero.json" \
+  ${QUICK:+--quick}
+python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --irm iresnet50 \
+  --model facemae_vit_base_patch16_112 --json "$OUT/zero_irm.json" ${QUICK:+--quick}
+echo "gpu_check: all steps passed"
