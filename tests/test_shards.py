@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 from conftest import MemorySource, jpeg_bytes, make_source
 
 from facemae_dist.data.shards import ShardOptions, load_manifest, shard_dataset
@@ -98,6 +100,31 @@ def test_max_shard_bytes_is_respected(tmp_path, memory_source):
     m = shard_dataset(memory_source, tmp_path, opts(max_shard_bytes=budget))["train"]
     assert len(m["shards"]) > 1 and m["num_samples"] == 30
     assert all(s["bytes"] <= budget for s in m["shards"])
+    # small files: the per-sample .cls/.json members (a header and a block each) dominate
+    flat = [(i % 3, _flat_jpeg(i)) for i in range(120)]
+    budget = 16 * 1024
+    m = shard_dataset(MemorySource(flat), tmp_path / "flat", opts(max_shard_bytes=budget))["train"]
+    assert len(m["shards"]) > 1 and m["num_samples"] == 120
+    assert all(s["bytes"] <= budget for s in m["shards"])
+    # faces that must be resized are re-encoded: the plan cannot know their size, so it warns
+    tiny = MemorySource([(i % 3, jpeg_bytes(i, size=16)) for i in range(40)])
+    with pytest.warns(UserWarning, match="exceed --max-shard-bytes 16384.*resized to 112 px"):
+        shard_dataset(tiny, tmp_path / "tiny", opts(max_shard_bytes=budget))
+
+
+def _flat_jpeg(value: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (112, 112), (value, 90, 200)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_non_utf8_identity_names_round_trip(tmp_path):
+    names = ["Jos\udce9", "张伟"]  # a latin-1 folder name as os.fsdecode gives it, and UTF-8
+    source = MemorySource([(0, jpeg_bytes(1)), (1, jpeg_bytes(2))], names=names)
+    m = shard_dataset(source, tmp_path, opts())["train"]
+    assert load_manifest(tmp_path / "train")["label_map"] == m["label_map"] == names
+    labels = [json.loads(s["json"])["label"] for s in read_back(tmp_path / "train")]
+    assert sorted(labels) == sorted(names)
 
 
 def test_resume_repairs_damage_and_matches_uninterrupted(tmp_path, memory_source):
@@ -128,6 +155,8 @@ def test_errors_for_empty_source_and_bad_options(tmp_path):
         shard_dataset(make_source(), tmp_path, opts(holdout_identities=1, holdout_fraction=0.1))
     with pytest.raises(FacemaeError, match="leaves none"):
         shard_dataset(make_source(), tmp_path, opts(holdout_identities=6))
+    with pytest.raises(FacemaeError, match="--seed must be ≥ 0"):
+        shard_dataset(make_source(), tmp_path, opts(seed=-1))
     with pytest.raises(FacemaeError, match="no shard manifest"):
         load_manifest(tmp_path / "nowhere")
 
@@ -185,3 +214,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_shards(tmp_path):
     )
     assert again.returncode == 0, again.stderr
     assert load_manifest(out / "train")["shards"] == load_manifest(tmp_path / "ref/train")["shards"]
+
+
+def test_shards_whose_inputs_were_all_rejected_are_left_out(tmp_path):
+    items = [(0, b"not an image"), (0, b"UNREADABLE"), (1, jpeg_bytes(1)), (1, jpeg_bytes(2))]
+    m = shard_dataset(MemorySource(items), tmp_path / "a", opts(samples_per_shard=2))["train"]
+    assert [s["samples"] for s in m["shards"]] == [2] and len(m["rejected"]) == 2
+    with pytest.raises(FacemaeError, match="every input of split 'train' was rejected"):
+        shard_dataset(MemorySource(items[:2]), tmp_path / "b", opts())

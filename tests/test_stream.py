@@ -7,10 +7,11 @@ import tarfile
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import jpeg_bytes
 from distributed import run_ranks
 
 from facemae_dist.data.shards import load_manifest
-from facemae_dist.data.stream import BadShardError, FaceStream, make_loader
+from facemae_dist.data.stream import BadShardError, FaceStream, decode_face, make_loader
 
 
 def keys_of(loader) -> list[list[str]]:
@@ -39,16 +40,19 @@ def test_inference_stream_reads_every_sample_once(sharded_split):
     assert len(keys) == 28 and len(set(keys)) == 28
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_skips_exactly_the_batches_already_seen(sharded_split, workers):
+@pytest.mark.parametrize("workers,skip", [(0, 4), (2, 4), (2, 3)])
+def test_resume_skips_exactly_the_batches_already_seen(sharded_split, workers, skip):
     stream = FaceStream(sharded_split, 3, seed=5, shuffle_buffer=10, flip=True)
     stream.set_epoch(1)
     full = list(make_loader(stream, workers))
     assert len(full) == stream.batches_per_epoch == 28 // 3
-    stream.set_epoch(1, skip_batches=4)
+    # an odd skip with 2 workers: the DataLoader starts at worker 0, which must play worker 1's role
+    stream.set_epoch(1, skip_batches=skip)
     resumed = list(make_loader(stream, workers))
-    assert [b["key"] for b in resumed] == [b["key"] for b in full[4:]]
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[4:], strict=True))
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[skip:]]
+    assert all(
+        torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[skip:], strict=True)
+    )
     full = [b["key"] for b in full]
     stream.set_epoch(2)
     assert keys_of(make_loader(stream, workers)) != full  # reshuffled per epoch
@@ -69,6 +73,26 @@ def test_truncated_shard_is_named_or_skipped(sharded_split):
     with pytest.warns(UserWarning, match="skipping"):
         keys = [k for b in keys_of(make_loader(stream)) for k in b]
     assert len(keys) == 24 + 1 and stream.bad_shards == 1  # the sample before the cut is kept
+
+
+def test_a_rank_without_readable_samples_fails_instead_of_spinning(sharded_split):
+    for shard in sharded_split.glob("*.tar"):
+        shard.write_bytes(shard.read_bytes()[:1000])  # every shard truncated in its first sample
+    stream = FaceStream(sharded_split, 4, skip_bad_shards=True)
+    with (
+        pytest.warns(UserWarning, match="skipping"),
+        pytest.raises(BadShardError, match="hold no readable sample"),
+    ):
+        next(iter(make_loader(stream)))
+
+
+def test_corrupt_image_data_names_the_sample_and_shard():
+    corrupt = (
+        jpeg_bytes(1)[:400] + b"\xff\xd9"
+    )  # headers, then the end marker: passes a cheap check
+    sample = {"jpg": corrupt, "__key__": "0000000007", "__url__": "shards/faces-000001.tar"}
+    with pytest.raises(BadShardError, match=r"0000000007 in shards/faces-000001.tar cannot be dec"):
+        decode_face(sample)
 
 
 def _count_steps(rank: int, world: int, split: str, workers: int) -> tuple[int, list[str]]:

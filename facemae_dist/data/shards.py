@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import shlex
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _JOURNAL = ".journal.jsonl"
 _PLAN = ".plan.json"
-_META_BYTES = 2 * 512 + 512  # .cls and .json members per sample (json stays under one block)
+_META_BYTES = 2 * (512 + 512)  # .cls and .json members: a header and a data block each
 
 
 @dataclass
@@ -71,6 +72,8 @@ class ShardOptions:
             raise FacemaeError("--holdout-fraction must be in [0, 1)")
         if self.workers < 1:
             raise FacemaeError("--workers must be ≥ 1")
+        if self.seed < 0:
+            raise FacemaeError(f"--seed must be ≥ 0, got {self.seed}")
 
 
 @dataclass
@@ -220,7 +223,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
             meta = {"label": names[labels[index]], "position": position, "index": index}
             tar.add(f"{key}.{ext}", data)
             tar.add(f"{key}.cls", str(cls).encode())
-            tar.add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+            tar.add(f"{key}.json", json.dumps(meta).encode())  # ASCII escapes: any name round-trips
             samples += 1
         sha = tar.close()
     os.replace(path + ".tmp", path)
@@ -263,7 +266,7 @@ def verified_shards(split_dir: Path, journal_glob: str = _JOURNAL) -> dict[int, 
 def save_manifest(split_dir: Path, manifest: dict) -> dict:
     """Write manifest.json atomically (readers never see half of it)."""
     tmp = split_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    tmp.write_text(json.dumps(manifest, indent=1))  # ASCII: non-UTF-8 names round-trip
     os.replace(tmp, split_dir / MANIFEST)
     return manifest
 
@@ -357,13 +360,33 @@ def write_manifest(
         "num_samples": sum(e["samples"] for e in entries),
         "num_classes": len(plan.identities),
         "label_map": [names[i] for i in plan.identities.tolist()],
-        "shards": [{k: e[k] for k in ("file", "samples", "bytes", "sha256")} for e in entries],
+        # a shard whose inputs were all rejected holds nothing: readers never see it
+        "shards": [
+            {k: e[k] for k in ("file", "samples", "bytes", "sha256")}
+            for e in entries
+            if e["samples"]
+        ],
         "source": source.description,
         "command": opts.command,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "progress")},
         "rejected": rejected,
     }
-    return save_manifest(split_dir, manifest)
+    save_manifest(split_dir, manifest)
+    if not manifest["num_samples"]:
+        raise FacemaeError(
+            f"every input of split {plan.name!r} was rejected ({len(rejected)}; reasons in "
+            f"{split_dir / MANIFEST}): check the source, or pass --strict to stop at the first one"
+        )
+    over = [e for e in entries if opts.max_shard_bytes and e["bytes"] > opts.max_shard_bytes]
+    if over:  # the plan uses the source's file sizes; resized faces are re-encoded
+        warnings.warn(
+            f"{len(over)} shard(s) of {plan.name!r} exceed --max-shard-bytes "
+            f"{opts.max_shard_bytes} (largest {max(e['bytes'] for e in over)} bytes): their faces "
+            f"were resized to {opts.image_size} px and re-encoded larger than the source files; "
+            "lower --max-shard-bytes to compensate",
+            stacklevel=2,
+        )
+    return manifest
 
 
 def shard_dataset(

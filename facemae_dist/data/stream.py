@@ -147,8 +147,14 @@ def _decode_array(sample: dict[str, Any]) -> np.ndarray:
     """uint8 (H, W, 3) RGB array of a sample's encoded image (no copy when already RGB)."""
     for ext in IMAGE_EXTS:
         if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            try:
+                with Image.open(io.BytesIO(sample[ext])) as img:
+                    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
+                raise BadShardError(
+                    f"sample {sample['__key__']} in {sample['__url__']} cannot be decoded ({err}): "
+                    "re-shard with `facemae shard --full-decode`, which drops corrupt images"
+                ) from err
     raise BadShardError(f"sample {sample['__key__']} in {sample['__url__']} has no image")
 
 
@@ -210,9 +216,17 @@ class FaceStream(IterableDataset):
     # ------------------------------------------------------------ shard assignment
 
     def _slot(self) -> tuple[int, int, int, int]:
+        """(slot, number of slots, role, workers) of this DataLoader worker.
+
+        The DataLoader takes batches from its workers round-robin starting at worker 0, so batch i
+        of a rank's epoch comes from role i % workers. A run resumed after `skip_batches` batches
+        must start at role skip_batches % workers: worker w plays role (w + skip) % workers (its
+        shards, seeds and quota), which keeps the order of batches exact across a resume.
+        """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers, worker, workers
+        role = (worker + self.skip_batches) % workers if self.repeat else worker
+        return self.rank * workers + role, self.world_size * workers, role, workers
 
     def _slot_shards(self, slot: int, num_slots: int) -> list[int]:
         order = list(range(len(self.urls)))
@@ -232,10 +246,13 @@ class FaceStream(IterableDataset):
         while True:
             if self.repeat:
                 rng.shuffle(shards)
+            yielded = 0
             for index in shards:
                 expected = self.shard_samples[index] if self.shard_samples else None
                 try:
-                    yield from read_shard(self.urls[index], expected)
+                    for sample in read_shard(self.urls[index], expected):
+                        yielded += 1
+                        yield sample
                 except BadShardError as exc:
                     if not self.skip_bad_shards:
                         raise
@@ -243,6 +260,13 @@ class FaceStream(IterableDataset):
                     warnings.warn(f"skipping: {exc}", stacklevel=2)
             if not self.repeat or not shards:
                 return
+            if not yielded:  # cycling again would spin forever without a sample
+                names = ", ".join(os.path.basename(self.urls[i]) for i in shards)
+                raise BadShardError(
+                    f"rank {self.rank}'s shards ({names}) hold no readable sample (empty or all "
+                    "skipped as bad): re-create them with `facemae shard --resume`, or re-shard "
+                    "so that every shard holds samples"
+                )
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.repeat or self.shuffle_buffer <= 1:

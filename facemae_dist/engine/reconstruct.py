@@ -172,7 +172,7 @@ def _sample_files(
     return [
         (f"{key}.jpg", _jpeg(image, o.jpeg_quality)),
         (f"{key}.cls", sample["cls"]),
-        (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+        (f"{key}.json", json.dumps(meta).encode()),  # ASCII escapes: any name round-trips
     ]
 
 

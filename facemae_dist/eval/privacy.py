@@ -383,6 +383,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        out.write_text(json.dumps(report, indent=1))
         print(f"report → {out}")
     return report
