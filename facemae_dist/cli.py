@@ -111,9 +111,17 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from facemae_dist.data.synthetic import SyntheticSource, write_folder
 
-    cfg = SyntheticSource.from_spec(f"{args.size}:{args.seed}").cfg  # same spec checks as `shard`
+    cfg = SyntheticSource.from_spec(args.size).cfg  # same spec checks (and errors) as `shard`
+    if args.seed is not None:
+        if ":" in args.size and args.seed != cfg.seed:
+            raise FacemaeError(
+                f"{args.size!r} sets seed {cfg.seed} but --seed is {args.seed}; give the seed once"
+            )
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     count = write_folder(cfg, args.out_dir)
     print(f"wrote {count:,} faces of {cfg.num_identities:,} identities to {args.out_dir}")
     return 0
@@ -222,9 +230,9 @@ def _add_data_commands(sub) -> None:
         "facemae synth 200x20 faces/ --seed 0",
         cmd_synth,
     )
-    p.add_argument("size", help="IDSxPER: identities × images per identity")
+    p.add_argument("size", help="IDSxPER[:SEED]: identities × images per identity, optional seed")
     p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the SEED in size, or 0)")
     p = _add(
         sub,
         "shard",

@@ -11,8 +11,8 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 from conftest import MemorySource, jpeg_bytes, make_source
+from PIL import Image
 
 from facemae_dist.data.shards import ShardOptions, load_manifest, shard_dataset
 from facemae_dist.errors import FacemaeError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -212,6 +213,25 @@ def test_folder_source_names_order_hidden(tmp_path: Path, jpegs: list[bytes]) ->
     assert FolderSource(root).read(0) == src.read(0)  # deterministic
 
 
+def test_folder_source_names_the_unreadable_identity_folder(
+    tmp_path: Path, jpegs: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for ident in ("alice", "bob"):
+        (tmp_path / ident).mkdir()
+        (tmp_path / ident / "0.jpg").write_bytes(jpegs[0])
+    real_scandir = os.scandir
+
+    def scandir(path):  # tests may run as root, where chmod 000 does not stop reading
+        if os.fspath(path).endswith("bob"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    bob = re.escape(str(tmp_path / "bob"))
+    with pytest.raises(FacemaeError, match=f"cannot list identity folder {bob}: Permission denied"):
+        FolderSource(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------
 # file list
 # ------------------------------------------------------------------------------------------------
@@ -263,6 +283,30 @@ def test_list_source_string_labels_and_errors(tmp_path: Path, jpegs: list[bytes]
     im2rec = tmp_path / "train.lst"
     im2rec.write_text("0\t3\tid3/a.jpg\n")
     with pytest.raises(FacemaeError, match="line 1: the label 'id3/a.jpg' is an image name"):
+        ListSource(im2rec)
+
+
+def test_list_source_face2rec2_lst(tmp_path: Path, jpegs: list[bytes]) -> None:
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpegs[i])
+    (tmp_path / "imgs" / "a b.jpg").write_bytes(jpegs[4])
+    lst = tmp_path / "train.lst"
+    lst.write_text(  # InsightFace face2rec2: aligned, path, label[, more fields]
+        "1\timgs/0.jpg\t0\n"
+        "1\timgs/1.jpg\t0\n"
+        "0\timgs/2.jpg\t5.0\t10\t20\t30\t40\n"
+        f"1\t{tmp_path / 'imgs' / '3.jpg'}\t5\n"
+        "imgs/a b.jpg 2\n"  # '<path> <label>' lines still work in the same file
+    )
+    src = open_source(lst)
+    assert isinstance(src, ListSource) and len(src) == 5
+    assert src.identity_names == ["0", "2", "5"] and src.labels.tolist() == [0, 0, 2, 2, 1]
+    assert [src.read(i).data for i in range(5)] == jpegs[:5]
+    assert src.read(2).position == "line 3: imgs/2.jpg"
+    im2rec = tmp_path / "multi.lst"
+    im2rec.write_text("0\t3\t4\timgs/0.jpg\n")  # im2rec, two labels: still named as im2rec
+    with pytest.raises(FacemaeError, match="line 1: the label 'imgs/0.jpg' is an image name"):
         ListSource(im2rec)
 
 
@@ -443,6 +487,15 @@ def test_write_pair_set_round_trip(tmp_path: Path, jpegs: list[bytes]) -> None:
         write_pair_set(path, jpegs[:7], [True, False, False, True])
 
 
+def test_write_pair_set_creates_the_folder(tmp_path: Path, jpegs: list[bytes]) -> None:
+    path = tmp_path / "new" / "eval" / "pairs.bin"  # `facemae make-pairs` into a new folder
+    write_pair_set(path, jpegs[:2], [True])
+    assert load_pair_set(path).images == jpegs[:2]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FacemaeError, match=r"cannot write pair set .*file.*choose a writable path"):
+        write_pair_set(tmp_path / "file" / "pairs.bin", jpegs[:2], [True])
+
+
 def test_pair_set_structure_errors(tmp_path: Path, jpegs: list[bytes]) -> None:
     cases = {
         "three": ((jpegs[:2], [True], "extra"), r"expected a pickle of \(images, issame\)"),
@@ -575,6 +628,27 @@ def test_open_source_auto_reads_a_synthetic_spec(tmp_path: Path, monkeypatch) ->
     (tmp_path / "3x2").mkdir()  # a real folder of that name wins over the spec
     with pytest.raises(FacemaeError, match="no images found in 3x2"):
         open_source("3x2")
+
+
+def test_synth_command_takes_the_seed_in_the_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from facemae_dist.cli import main
+
+    def faces(folder: str) -> list[bytes]:
+        return [p.read_bytes() for p in sorted((tmp_path / folder).rglob("*.jpg"))]
+
+    assert main(["synth", "2x1:7", str(tmp_path / "spec")]) == 0
+    assert main(["synth", "2x1", str(tmp_path / "flag"), "--seed", "7"]) == 0
+    assert main(["synth", "2x1:7", str(tmp_path / "both"), "--seed", "7"]) == 0
+    assert main(["synth", "2x1", str(tmp_path / "default")]) == 0
+    assert len(faces("spec")) == 2 and faces("spec") == faces("flag") == faces("both")
+    assert faces("default") != faces("spec")  # no seed anywhere: seed 0
+    capsys.readouterr()
+    assert main(["synth", "2x1:7", str(tmp_path / "clash"), "--seed", "3"]) == 2
+    assert "'2x1:7' sets seed 7 but --seed is 3" in capsys.readouterr().err
+    assert main(["synth", "2x1:x", str(tmp_path / "bad")]) == 2
+    assert "bad synthetic data spec '2x1:x'" in capsys.readouterr().err  # what the user typed
 
 
 def test_open_source_errors(tmp_path: Path) -> None:

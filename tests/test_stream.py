@@ -131,3 +131,17 @@ def test_a_cut_inside_the_last_sample_is_not_a_short_sample(sharded_split):
     shard.write_bytes(shard.read_bytes()[: cls_member.offset + 100])
     with pytest.raises(BadShardError, match="faces-000006.tar"):
         keys_of(make_loader(FaceStream([str(shard)], 4, repeat=False)))
+
+
+def test_16bit_png_samples_are_scaled_not_clipped():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = (np.arange(112 * 112, dtype=np.uint32).reshape(112, 112) * 5).astype(np.uint16)
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, format="PNG")  # mode I;16, passed through by the sharder
+    face = decode_face({"png": out.getvalue(), "__key__": "k", "__url__": "u"})
+    assert face.shape == (3, 112, 112)
+    assert torch.equal(face[1], torch.from_numpy((ramp >> 8).astype(np.uint8)))

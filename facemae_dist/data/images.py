@@ -65,11 +65,38 @@ def image_size(data: bytes, kind: str) -> tuple[int, int]:
         raise BadImage(f"not an image ({type(exc).__name__})") from exc
 
 
+def _jpeg_has_eoi(data: bytes) -> bool:
+    """True when the image data reaches an EOI marker (FFD9); bytes after it are ignored.
+
+    Walks the marker segments from SOI, jumping over each segment's payload (so the FFD9 of an EXIF
+    thumbnail inside APP1 does not count), and scans entropy-coded data for the next marker: there
+    a literal 0xFF is stuffed as FF00 and restart markers (FFD0-FFD7) sit inline, so any other FFxx
+    is a real marker. A truncated file runs out of bytes before reaching EOI. Trailing bytes after
+    EOI (CRLF, padding, appended data) are accepted, as decoders accept them.
+    """
+    pos, n = 2, len(data)
+    while True:
+        pos = data.find(b"\xff", pos)  # also skips stray bytes between segments, as libjpeg does
+        if pos < 0 or pos + 1 >= n:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0x00 or 0xD0 <= marker <= 0xD7:  # stuffed 0xFF or restart marker
+            pos += 2
+        elif pos + 4 > n:
+            return False
+        else:  # a segment: skip its length-prefixed payload (entropy data follows SOS's header)
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+
+
 def looks_complete(data: bytes, kind: str) -> bool:
-    """True when the file ends the way a whole JPEG/PNG ends (cheap truncation check)."""
-    tail = data[-64:].rstrip(b"\x00")  # some writers zero-pad
+    """True when the file holds a whole JPEG/PNG (cheap truncation check, no decode)."""
     if kind == "jpg":
-        return tail.endswith(b"\xff\xd9")
+        return _jpeg_has_eoi(data)
+    tail = data[-64:].rstrip(b"\x00")  # some writers zero-pad
     if kind == "png":
         return tail[-12:-4].endswith(b"IEND")
     return True
@@ -88,12 +115,21 @@ def check_image(data: bytes, full_decode: bool = False) -> tuple[str, tuple[int,
     return kind, size
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB; 16-bit grayscale (modes I;16*, I) is scaled to 8 bits first."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # convert("RGB") would clip 0-65535 to 0-255, turning a 16-bit PNG almost all white
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode to an RGB PIL image, raising BadImage on any decoder error."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
     except Exception as exc:
         raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
 

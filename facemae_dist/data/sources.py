@@ -132,18 +132,25 @@ class FolderSource(Source):
                 folders = sorted(
                     e.name for e in entries if not e.name.startswith(".") and e.is_dir()
                 )
-            names, counts, files = [], [], []
-            for folder in folders:
-                found = _scan_identity_folder(os.path.join(self.root, folder))
-                if found:
-                    names.append(folder)
-                    counts.append(len(found))
-                    files.extend(found)
         except OSError as exc:
             raise FacemaeError(
                 f"cannot list image folder {self.root}: {exc.strerror or exc}; "
                 "check that it exists and is readable"
             ) from exc
+        names, counts, files = [], [], []
+        for folder in folders:
+            path = os.path.join(self.root, folder)
+            try:
+                found = _scan_identity_folder(path)
+            except OSError as exc:
+                raise FacemaeError(
+                    f"cannot list identity folder {path}: {exc.strerror or exc}; "
+                    f"make it readable, or move it out of {self.root}"
+                ) from exc
+            if found:
+                names.append(folder)
+                counts.append(len(found))
+                files.extend(found)
         self._names = names
         self._files = _StringTable(files)
         self._labels = _readonly(np.repeat(np.arange(len(names), dtype=np.int64), counts))
@@ -183,8 +190,27 @@ class FolderSource(Source):
 # --------------------------------------------------------------------------------------------------
 
 
+_NUMBER = re.compile(r"[+-]?\d+(?:\.\d*)?")
+
+
+def _face2rec_fields(line: str) -> tuple[str, str] | None:
+    """(path, label) of an InsightFace face2rec2 line ``aligned<TAB>path<TAB>label[<TAB>...]``,
+    else None. An im2rec .lst line (``index<TAB>label(s)<TAB>path``) ends with the image name,
+    so it is left to the im2rec check in :func:`_parse_list_file`."""
+    fields = line.split("\t")
+    if (
+        len(fields) < 3
+        or not fields[0].strip().isdigit()
+        or not _NUMBER.fullmatch(fields[2].strip())
+        or _is_image_name(fields[-1].strip())
+    ):
+        return None
+    return fields[1], str(int(float(fields[2])))  # face2rec2 may write labels as floats ("3.0")
+
+
 def _parse_list_file(list_file: str) -> tuple[list[str], list[str], list[int]]:
-    """(paths, label tokens, line numbers) of a ``path label`` list; raises on a malformed line."""
+    """(paths, label tokens, line numbers) of a ``path label`` or face2rec2 list; raises on a
+    malformed line."""
     paths, tokens, lines = [], [], []
     try:
         with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -192,7 +218,7 @@ def _parse_list_file(list_file: str) -> tuple[list[str], list[str], list[int]]:
                 line = raw.strip()
                 if not line or line.startswith("#"):
                     continue
-                parts = line.rsplit(None, 1)
+                parts = _face2rec_fields(line) or line.rsplit(None, 1)
                 if len(parts) != 2:
                     raise FacemaeError(
                         f"{list_file}, line {lineno}: expected '<image path> <label>', "
@@ -229,7 +255,9 @@ def _label_ids(tokens: list[str]) -> tuple[np.ndarray, list[str]]:
 
 
 class ListSource(Source):
-    """Faces named in a text list: one ``<path> <label>`` per line.
+    """Faces named in a text list: one ``<path> <label>`` per line, or InsightFace face2rec2
+    ``aligned<TAB>path<TAB>label[<TAB>...]`` lines (first field an integer; float labels are
+    truncated to integers).
 
     The label is the last whitespace-separated token, so paths may contain spaces. Relative paths
     are resolved against the list file's folder; absolute paths are used as they are. Blank lines
@@ -936,9 +964,17 @@ def write_pair_set(
         )
     bins = [np.frombuffer(bytes(image), dtype=np.uint8) for image in images]
     tmp = f"{target}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, same), f, protocol=4)
-    os.replace(tmp, target)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            pickle.dump((bins, same), f, protocol=4)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise FacemaeError(
+            f"cannot write pair set {target}: {exc.strerror or exc}; choose a writable path"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
+from facemae_dist.data.images import to_rgb
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.errors import FacemaeError
 
@@ -149,7 +150,7 @@ def _decode_array(sample: dict[str, Any]) -> np.ndarray:
         if ext in sample:
             try:
                 with Image.open(io.BytesIO(sample[ext])) as img:
-                    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+                    return np.asarray(img if img.mode == "RGB" else to_rgb(img))
             except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
                 raise BadShardError(
                     f"sample {sample['__key__']} in {sample['__url__']} cannot be decoded ({err}): "

@@ -1,0 +1,62 @@
+"""Edge cases of facemae_dist.data.images: JPEG end detection and 16-bit PNG decoding."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from conftest import jpeg_bytes
+from PIL import Image
+
+from facemae_dist.data.images import BadImage, check_image, decode_rgb, reencode, to_rgb
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [b"\r\n", b"\x00\x11" * 50, b"\xff" * 4, b"\x00" * 16, b"\xff\xd8 appended data"],
+    ids=["crlf", "appended", "ff-padding", "zero-padding", "second-soi"],
+)
+def test_jpeg_with_bytes_after_eoi_is_accepted(trailer: bytes) -> None:
+    data = jpeg_bytes(1) + trailer
+    Image.open(io.BytesIO(data)).load()  # decoders accept it, so the sharder must too
+    assert check_image(data) == ("jpg", (112, 112))
+
+
+def _with_thumbnail(data: bytes) -> bytes:
+    """The JPEG with an APP1 (EXIF) segment holding a whole thumbnail JPEG, FFD9 included, put
+    after the frame header (just before SOS) so a cut after it still has a readable size."""
+    payload = b"Exif\x00\x00" + jpeg_bytes(2, size=16)
+    sos = data.index(b"\xff\xda")
+    return data[:sos] + b"\xff\xe1" + struct.pack(">H", 2 + len(payload)) + payload + data[sos:]
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "thumbnail"])
+def test_every_truncated_jpeg_is_rejected(kind: str) -> None:
+    if kind == "progressive":
+        out = io.BytesIO()
+        Image.open(io.BytesIO(jpeg_bytes(3))).save(out, "JPEG", progressive=True)
+        data = out.getvalue()
+    else:
+        data = jpeg_bytes(3)
+    if kind == "thumbnail":  # the thumbnail's FFD9 must not pass for the image's end
+        data = _with_thumbnail(data)
+    assert check_image(data, full_decode=True) == ("jpg", (112, 112))
+    for cut in range(3, len(data) - 1):
+        with pytest.raises(BadImage, match="truncated JPEG"):
+            check_image(data[:cut])
+
+
+def test_16bit_png_is_scaled_not_clipped() -> None:
+    gradient = np.linspace(0, 65535, 112 * 112).reshape(112, 112).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    expected = np.repeat((gradient >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert np.array_equal(np.asarray(decode_rgb(data)), expected)
+    with Image.open(io.BytesIO(data)) as img:  # what the shard reader decodes with
+        assert np.array_equal(np.asarray(to_rgb(img)), expected)
+    png, ext = reencode(data, 112, "png")  # the sharder's re-encode keeps the scaled values
+    assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected)
