@@ -180,6 +180,7 @@ def bench_mae_pair(label: str, cfg: dict, batch: int, iters: int) -> tuple:
         return run
 
     t = interleaved({"ref": step(ref, True), "same": step(same), "ours": step(fast)}, iters)
+    flops_ref, flops_ours = step_flops(step(ref, True)), step_flops(step(fast))
     return (
         label,
         batch,
@@ -188,7 +189,30 @@ def bench_mae_pair(label: str, cfg: dict, batch: int, iters: int) -> tuple:
         batch / t["ours"],
         t["ref"] / t["ours"],
         diff,
+        (flops_ref / t["ref"], flops_ours / t["ours"], flops_ours / flops_ref),
     )
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one forward+backward step (attention through the math kernel so it is counted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_rate(n: int = 1024, iters: int = 8) -> float:
+    """FLOP/s of an n×n×n matmul at this precision and thread count: the ceiling for both models."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    with _autocast():
+        a @ b
+        t0 = _clock()
+        for _ in range(iters):
+            a @ b
+    return 2 * n**3 * iters / (_clock() - t0)
 
 
 _precision = "fp32"
@@ -276,9 +300,20 @@ def print_mae(iters: int, with_base: bool) -> None:
         f"{'model':34s} {'batch':>5s} {'ref img/s':>10s} {'same layout':>11s} "
         f"{'ours img/s':>10s} {'ratio':>6s}  |dloss|"
     )
-    for label, b, ref, same_ratio, ours, ratio, diff in rows:
+    for label, b, ref, same_ratio, ours, ratio, diff, _ in rows:
         print(
             f"{label:34s} {b:5d} {ref:10.1f} {same_ratio:10.2f}x {ours:10.1f} {ratio:5.2f}x  {diff:.1e}"
+        )
+    peak = matmul_rate()
+    print(
+        f"\nWhere the time goes: both steps are matmul-bound. A 1024^3 matmul runs at "
+        f"{peak / 1e9:.1f} GFLOP/s here ({_precision}, {torch.get_num_threads()} thread(s))."
+    )
+    print(f"{'model':34s} {'ref GFLOP/s':>11s} {'ours GFLOP/s':>12s} {'ours/ref FLOPs':>14s}")
+    for label, *_, (ref_rate, ours_rate, flop_ratio) in rows[:-2]:
+        print(
+            f"{label:34s} {ref_rate / 1e9:5.1f} ({ref_rate / peak:4.0%}) {ours_rate / 1e9:5.1f} "
+            f"({ours_rate / peak:4.0%}) {flop_ratio:13.3f}"
         )
     print(
         "(same layout: FaceMAE with MAE's cls token, the reference's exact computation; ours: the "
