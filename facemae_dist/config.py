@@ -63,17 +63,33 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, where)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = tuple(a for a in args if a is not type(None))
         return None if value is None else _convert(args[0], value, where)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise FacemaeError(f"{where}: expected a list, got {value!r}")
-        return origin(value)
-    if tp is float and not isinstance(value, bool):
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: (beta1, beta2)
+            if len(value) != len(args):
+                raise FacemaeError(f"{where}: expected {len(args)} values, got {value!r}")
+        else:  # list[T] or tuple[T, ...]
+            args = (args[0] if args else Any,) * len(value)
+        items = enumerate(zip(args, value, strict=True))
+        return origin(_convert(t, v, f"{where}[{i}]") for i, (t, v) in items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FacemaeError(f"{where}: expected a mapping (key: value), got {value!r}")
+        key_tp, value_tp = args or (Any, Any)
+        return {
+            _convert(key_tp, k, where): _convert(value_tp, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp in (int, float) and isinstance(value, bool):  # bool is an int subclass: not a count
+        raise FacemaeError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is float:
         try:  # YAML 1.1 reads "5e-3" (no dot) as a string
             return float(value)
         except (TypeError, ValueError):

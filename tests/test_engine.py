@@ -48,6 +48,21 @@ def test_config_overrides_types_and_unknown_keys(tmp_path):
         from_dict(Outer, {"inner": {"steps": "ten"}})
     with pytest.raises(FacemaeError, match="expected section.key=value"):
         apply_overrides({}, ["nonsense"])
+    # elements follow their declared types; fixed tuples have their length; bools are not numbers
+    cfg = load_config(
+        PretrainConfig, REPO / "configs/mae/tiny_cpu.yaml", ["optim.betas=[0.9, 1e-3]"]
+    )
+    assert cfg.optim.betas == (0.9, 0.001)
+    bad = {
+        "optim.betas=[0.9]": "optim.betas: expected 2 values",
+        "optim.betas=[0.9, x]": r"optim.betas\[1\]: expected a number",
+        "run.max_steps=true": "run.max_steps: expected int, got True",
+        "optim.base_lr=false": "optim.base_lr: expected float, got False",
+        "model.kwargs=3": "model.kwargs: expected a mapping",
+    }
+    for override, message in bad.items():
+        with pytest.raises(FacemaeError, match=message):
+            load_config(PretrainConfig, REPO / "configs/mae/tiny_cpu.yaml", [override])
     child = tmp_path / "child.yaml"
     (tmp_path / "base.yaml").write_text("run:\n  seed: 3\n  epochs: 2.0\n")
     child.write_text("base: base.yaml\nrun:\n  epochs: 5.0\n")
@@ -113,3 +128,240 @@ def test_bf16_runs_for_both_trainers(tmp_path):
         assert "done: 3 steps" in done.stdout
     verification = json.loads((tmp_path / "train/result.json").read_text())["verification"]
     assert 0.0 <= verification["pairs"]["acc"] <= 1.0  # verification ran on the bf16 backbone
+
+
+def test_shared_settings_are_checked_by_both_trainers():
+    """Names and counts the loop relies on fail in validate(), before any process group."""
+    from facemae_dist.engine import pretrain, recognize
+
+    cases = {
+        "optim.schedule=cosin": "optim.schedule 'cosin' is unknown: use one of cosine, poly, constant",
+        "optim.optimizer=SGD": "optim.optimizer 'SGD' is unknown: use one of adamw, sgd",
+        "run.log_every=0": r"run.log_every must be >= 1",
+        "run.keep_last=0": r"run.keep_last must be >= 1",
+        "run.ckpt_every=-1": r"run.ckpt_every must be >= 0 \(0: only the final checkpoint\)",
+        "engine.grad_accum=0": r"engine.grad_accum must be >= 1",
+        "engine.precision=fp16": "engine.precision must be fp32 or bf16",
+    }
+    for module, cls, config in [
+        (pretrain, pretrain.PretrainConfig, "configs/mae/tiny_cpu.yaml"),
+        (recognize, recognize.RecogConfig, "configs/recog/tiny_cpu.yaml"),
+    ]:
+        for override, message in cases.items():
+            cfg = load_config(cls, REPO / config, [override, "data.train=/nonexistent"])
+            with pytest.raises(FacemaeError, match=message):
+                module.validate(cfg, 1)
+
+
+# ---------------------------------------------------------------- the fit loop on fakes
+
+
+class FakeEngine:
+    """What fit() uses of a DeepSpeed engine: one weight, SGD every `accum` calls of step(), LambdaLR."""
+
+    def __init__(self, accum: int = 1, warmup: int = 4) -> None:
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.opt = torch.optim.SGD([self.w], lr=0.1)
+        factor = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        self.accum, self.micro, self.applied = accum, 0, 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum == 0:  # DeepSpeed applies the update on the boundary only
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad()
+            self.applied += 1
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        state = {"w": self.w.detach().clone(), "sched": self.sched.state_dict()}
+        torch.save(state, Path(root) / tag / "engine.pt")
+
+    def load_checkpoint(self, root: str, tag: str, **_) -> tuple[str, dict]:
+        state = torch.load(Path(root) / tag / "engine.pt", weights_only=False)
+        self.w.data.copy_(state["w"])
+        self.sched.load_state_dict(state["sched"])
+        self.opt.param_groups[0]["lr"] = self.sched.get_last_lr()[0]
+        return root, {}
+
+
+class FakeStream:
+    batch_size, world_size, num_samples, batches_per_epoch = 1, 1, 100, 100
+
+    def set_epoch(self, epoch: int, skip: int) -> None:
+        self.skip = skip
+
+    def __iter__(self):
+        for i in range(self.skip, self.batches_per_epoch):
+            yield {"x": torch.tensor(float(i))}
+
+
+class FakeTask:
+    def __init__(self, flag, nan_at: int = 0, stop_at: int = 0) -> None:
+        self.flag, self.nan_at, self.stop_at = flag, nan_at, stop_at
+        self.calls, self.lrs = 0, []
+
+    def losses(self, engine, batch):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            self.flag.signum = 10  # SIGUSR1 (Slurm's warning before the time limit)
+        loss = (engine.w - 1.0) ** 2 * (float("nan") if self.calls == self.nan_at else 1.0)
+        return {"loss": loss, "one": torch.tensor(1.0)}
+
+    def after_step(self, step: int, lr: float) -> None:
+        self.lrs.append(lr)
+
+    def rank_state(self):
+        return {}
+
+    def load_rank_states(self, states) -> None:
+        pass
+
+    def visualize(self, engine, batch, path) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_fit(monkeypatch, tmp_path):
+    """fit(FakeEngine, FakeTask, ...) in this process: no DeepSpeed, no signal handlers."""
+    from types import SimpleNamespace
+
+    from facemae_dist.engine import loop
+
+    flag = SimpleNamespace(signum=None)
+    monkeypatch.setattr(loop, "StopFlag", lambda: flag)
+    monkeypatch.setattr(loop, "make_loader", lambda stream, workers: iter(stream))
+
+    def run(engine, task_kw=(), accum=1, **run_kw):
+        cfg = loop.RunConfig(**{"out_dir": str(tmp_path), "ckpt_every": 0, **run_kw})
+        task = FakeTask(flag, **dict(task_kw))
+        flag.signum = None
+        return loop.fit(engine, task, FakeStream(), cfg, accum), task
+
+    return run
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nan_in_an_early_micro_batch_is_never_applied(fake_fit, tmp_path):
+    engine = FakeEngine(accum=2)
+    with pytest.raises(FacemaeError, match="loss is nan at step 2") as err:
+        fake_fit(engine, {"nan_at": 3}, accum=2, max_steps=4, ckpt_every=1)  # 1st micro of step 2
+    assert engine.applied == 1 and torch.isfinite(engine.w)
+    good = tmp_path / "checkpoints" / "step-00000001"
+    assert f"Last good checkpoint: {good}" in str(err.value)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == good.name
+    assert torch.isfinite(torch.load(good / "engine.pt", weights_only=False)["w"])
+
+
+def test_head_gets_the_lr_of_the_step_and_logs_average_what_was_summed(fake_fit, tmp_path):
+    _, task = fake_fit(FakeEngine(), max_steps=3, log_every=2)
+    assert task.lrs == pytest.approx([0.025, 0.05, 0.075])  # warmup 1/4, 2/4, 3/4 of lr 0.1
+    assert [m["lr"] for m in metrics(tmp_path)] == pytest.approx([0.05])  # step 2's own lr
+    # resumed at step 3 (the final checkpoint): step 4 logs the one step summed since
+    state, task = fake_fit(FakeEngine(), max_steps=6, log_every=2)
+    assert state.step == 6 and task.lrs == pytest.approx([0.1, 0.1, 0.1])
+    assert [(m["step"], m["one"]) for m in metrics(tmp_path)] == [(2, 1.0), (4, 1.0), (6, 1.0)]
+
+
+def test_stop_signal_on_a_checkpoint_step_saves_once(fake_fit, tmp_path, monkeypatch):
+    from facemae_dist.engine import checkpoint
+
+    saved, real_save = [], checkpoint.save
+    monkeypatch.setattr(
+        checkpoint,
+        "save",
+        lambda e, root, step, *a: saved.append(step) or real_save(e, root, step, *a),
+    )
+    with pytest.raises(SystemExit) as stop:
+        fake_fit(FakeEngine(), {"stop_at": 2}, max_steps=6, ckpt_every=2)
+    assert stop.value.code == 75 and saved == [2]
+    # a fresh run (resume=false) in that folder still saves its own final step 2
+    fake_fit(FakeEngine(), max_steps=2, resume=False)
+    assert saved == [2, 2]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_keep_the_newest_and_resave_atomically(tmp_path, monkeypatch):
+    import shutil
+
+    from facemae_dist.engine import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for stale in ("step-00000010", "step-00000011"):  # left by an older run in the same folder
+        (root / stale).mkdir(parents=True)
+    engine = FakeEngine()
+
+    def names() -> list[str]:
+        return sorted(p.name for p in root.iterdir())
+
+    checkpoint.save(engine, root, 2, {}, keep_last=1)
+    assert names() == ["latest", "step-00000002"]
+    checkpoint.save(engine, root, 4, {}, keep_last=2)
+    assert names() == ["latest", "step-00000002", "step-00000004"]
+
+    # saving step 4 again never deletes the folder `latest` names before `latest` has moved
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        assert Path(path) != checkpoint.latest(root), f"deleting {path}, which latest names"
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    engine.w.data.fill_(5.0)
+    checkpoint.save(engine, root, 4, {}, keep_last=2)
+    assert names() == ["latest", "step-00000002", "step-00000004"]
+    assert torch.load(root / "step-00000004/engine.pt", weights_only=False)["w"] == 5.0
+    # a kill between the two renames of a re-save: `latest` finds the old copy set aside
+    (root / "step-00000004").rename(root / ".old-step-00000004")
+    assert checkpoint.latest(root) == root / ".old-step-00000004"
+
+
+def test_export_mismatch_fails_on_every_rank(monkeypatch, tmp_path):
+    """Rank 0's verdict reaches the others (they would otherwise wait for it until the timeout)."""
+    from types import SimpleNamespace
+
+    from facemae_dist import dist
+    from facemae_dist.engine import pretrain
+
+    cfg = load_config(PretrainConfig, REPO / "configs/mae/tiny_cpu.yaml")
+    engine = SimpleNamespace(module=pretrain.build_model(cfg.model))
+    monkeypatch.setattr(dist, "detect", lambda: dist.DistInfo(1, 2, 1, "torchrun"))  # rank 1
+    for rank0_diff in (1.0, float("nan")):
+        monkeypatch.setattr(dist, "from_main", lambda value, d=rank0_diff: d)
+        with pytest.raises(FacemaeError, match="exported weights do not reproduce"):
+            pretrain.verify_export(engine, tmp_path, cfg, torch.device("cpu"))
+
+
+def test_recognition_resume_continues_the_head_sampling(tmp_path):
+    """head.sample_rate < 1: the negatives drawn after a resume are those of an uninterrupted run."""
+    from facemae_dist.engine.recognize import RecogConfig, RecogTask, build_head
+
+    cfg = RecogConfig()
+    cfg.head.sample_rate = 0.25
+
+    def task() -> RecogTask:
+        head, opt = build_head(cfg.head, 8, 64, torch.device("cpu"), seed=0)
+        return RecogTask(cfg, head, opt, torch.device("cpu"))
+
+    emb, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    run = task()
+    run.head(emb, labels)
+    torch.save(run.rank_state(), tmp_path / "rank00000.pt")  # a checkpoint after step 1
+    run.head(emb, labels)
+    resumed = task()
+    resumed.load_rank_states([torch.load(tmp_path / "rank00000.pt", weights_only=True)])
+    resumed.head(emb, labels)
+    assert torch.equal(resumed.head.weight_index, run.head.weight_index)

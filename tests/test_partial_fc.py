@@ -306,6 +306,22 @@ def test_module_state_dict_round_trip() -> None:
     assert not torch.equal(second_half.weight, head.weight[8:])
 
 
+def test_sampler_state_continues_the_negative_sampling() -> None:
+    emb, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    head = PartialFC(8, 100, sample_rate=0.2, seed=3)
+    head(emb, labels)
+    saved = head.sampler_state()
+    head(emb, labels)
+    resumed = PartialFC(8, 100, sample_rate=0.2, seed=3)
+    resumed.load_sampler_state(saved)
+    resumed(emb, labels)
+    assert torch.equal(resumed.weight_index, head.weight_index)
+    fresh = PartialFC(8, 100, sample_rate=0.2, seed=3)  # without the state: the first draw again
+    fresh.load_sampler_state({**saved, "device": "cuda"})  # another device's layout: left seeded
+    fresh(emb, labels)
+    assert not torch.equal(fresh.weight_index, head.weight_index)
+
+
 def test_reshard_errors_name_the_gap() -> None:
     halves = [PartialFC(8, 20, rank=r, world_size=2).local_state_dict() for r in range(2)]
     with pytest.raises(FacemaeError, match=r"\[10, 20\)"):

@@ -7,8 +7,10 @@ Layout (on a file system every node sees)::
 
 Every rank writes into `.tmp-step-N`; after a barrier rank 0 renames it and only then moves the
 `latest` pointer, so a kill at any moment leaves the previous checkpoint intact and never a half
-one. Per-rank files hold what DeepSpeed does not save per rank: RNG states, the data position and
-task extras (partial-FC shards).
+one. A step saved again (a run that went back to an earlier checkpoint) moves the old `step-N` to
+`.old-step-N` until `latest` has moved; :func:`latest` falls back to it if a kill comes in between.
+Per-rank files hold what DeepSpeed does not save per rank: RNG states, the data position and task
+extras (partial-FC shards).
 """
 
 from __future__ import annotations
@@ -64,20 +66,27 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep_last: i
     torch.save(rank_state, root / tmp_tag / f"rank{rank:05d}.pt")
     dist.barrier()
     if dist.detect().is_main:
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # never delete what `latest` may name before `latest` has moved
+            aside = root / f".old-{final.name}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
         os.replace(root / tmp_tag, final)
         _atomic_write(root / LATEST, final.name)
-        _prune(root, keep_last)
+        _prune(root, final, keep_last)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[: max(0, len(done) - keep_last)]:
+def _prune(root: Path, newest: Path, keep_last: int) -> None:
+    """Keep `newest` (the one `latest` names) and the keep_last - 1 highest-numbered others.
+
+    `newest` is kept whatever its number: an older run in the same folder may have left higher ones.
+    """
+    others = sorted(p for p in root.glob("step-*") if p.is_dir() and p != newest)
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -87,6 +96,8 @@ def latest(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    if not path.is_dir() and (root / f".old-{path.name}").is_dir():
+        path = root / f".old-{path.name}"  # a re-save was killed between its two renames
     if not path.is_dir():
         raise FacemaeError(
             f"{pointer} names {path.name}, which is missing: restore it or delete {pointer} to start over"

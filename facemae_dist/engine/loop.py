@@ -26,6 +26,8 @@ from facemae_dist.engine import checkpoint
 from facemae_dist.errors import FacemaeError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again (or requeue) to continue
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly", "constant")
 
 
 @dataclass
@@ -33,11 +35,11 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr × global_batch / 256
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     momentum: float = 0.9
     warmup_steps: int = 0
     warmup_epochs: float = 0.0
-    schedule: str = "cosine"  # cosine | poly | constant
+    schedule: str = "cosine"  # one of SCHEDULES
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
 
@@ -56,9 +58,9 @@ class RunConfig:
     seed: int = 0
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_last: int = 3
+    log_every: int = 10  # >= 1
+    ckpt_every: int = 100  # 0: only the final checkpoint (and one on a stop signal)
+    keep_last: int = 3  # >= 1: checkpoints kept on disk
     image_every: int = 0  # PNG grids every N steps (0: only at the end)
     num_workers: int = 0
     resume: bool = True
@@ -89,7 +91,8 @@ class Task(Protocol):
         """Loss parts of one micro-batch; key 'loss' is what gets backpropagated."""
 
     def after_step(self, step: int, lr: float) -> None:
-        """After each optimizer step (e.g. a model-parallel head's own optimizer)."""
+        """After each optimizer step, with the lr that step used (e.g. a model-parallel head's own
+        optimizer)."""
 
     def rank_state(self) -> dict[str, Any]:
         """Extra per-rank state to checkpoint."""
@@ -102,6 +105,34 @@ class Task(Protocol):
 
 
 # ---------------------------------------------------------------- setup
+
+
+def validate_common(cfg: Any) -> None:
+    """Checks of the sections every trainer shares (run, optim, engine), before any process group."""
+    run, optim, engine = cfg.run, cfg.optim, cfg.engine
+    choices = {
+        "optim.optimizer": (optim.optimizer, OPTIMIZERS),
+        "optim.schedule": (optim.schedule, SCHEDULES),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise FacemaeError(f"{key} {value!r} is unknown: use one of {', '.join(valid)}")
+    limits = {  # key: (value, its minimum, what that means)
+        "run.log_every": (run.log_every, 1, "steps per metrics line"),
+        "run.keep_last": (run.keep_last, 1, "checkpoints kept on disk, the newest always"),
+        "run.ckpt_every": (run.ckpt_every, 0, "0: only the final checkpoint"),
+        "run.image_every": (run.image_every, 0, "0: only at the end"),
+        "engine.grad_accum": (engine.grad_accum, 1, "micro-batches per optimizer step"),
+    }
+    for key, (value, low, meaning) in limits.items():
+        if value < low:
+            raise FacemaeError(f"{key} must be >= {low} ({meaning}), got {value}")
+    if engine.zero_stage not in (0, 1, 2, 3):
+        raise FacemaeError(f"engine.zero_stage must be 0, 1, 2 or 3, got {engine.zero_stage}")
+    if engine.precision not in ("fp32", "bf16"):
+        raise FacemaeError(
+            f"engine.precision must be fp32 or bf16 (fp16 is not supported), got {engine.precision}"
+        )
 
 
 def micro_batch(data: DataConfig, engine: EngineConfig, world_size: int) -> int:
@@ -336,16 +367,6 @@ def _resume(engine, task: Task, ckpt_root: Path, seed: int) -> FitState:
     return FitState(step=saved["step"], samples_seen=saved["samples_seen"])
 
 
-def _check_finite(losses: dict[str, torch.Tensor], flag: StopFlag) -> tuple[bool, bool]:
-    """(every rank's loss finite, any rank signalled) with one all-reduce."""
-    finite = bool(torch.isfinite(losses["loss"].detach().float()).all())
-    t = torch.tensor([0.0 if finite else 1.0, 1.0 if flag.signum else 0.0])
-    if torch.distributed.is_initialized():
-        t = t.to(losses["loss"].device)
-        torch.distributed.all_reduce(t)
-    return t[0].item() == 0, t[1].item() > 0
-
-
 def total_steps_for(run: RunConfig, steps_per_epoch: int) -> int:
     return run.max_steps if run.max_steps > 0 else max(1, int(run.epochs * steps_per_epoch))
 
@@ -371,33 +392,62 @@ class _Fit:
         self.flag = StopFlag()
         self.logger = Logger(self.run_dir, self.total, self.info.is_main)
         self.sums: dict[str, float] = {}
+        self.summed = 0  # micro-batches in sums (fewer than log_every × grad_accum after a resume)
+        self.bad_loss: float | None = None  # this rank's first non-finite loss of the current step
+        self.step_lr = 0.0  # the lr the last optimizer step used
+        self.saved_step: int | None = None  # step of the checkpoint this run wrote or resumed from
         self.state = FitState()
 
     def checkpoint(self) -> None:
+        if self.saved_step == self.state.step:  # e.g. a stop signal on a checkpoint step
+            return
         rank_state = _rank_state(self.state, self.task)
         checkpoint.save(
             self.engine, self.ckpt_root, self.state.step, rank_state, self.run.keep_last
         )
+        self.saved_step = self.state.step
 
-    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def micro_step(self, batch: dict[str, Any], boundary: bool) -> bool:
+        """Forward, backward and engine.step() (an update on the boundary); True on a stop signal."""
         losses = self.task.losses(self.engine, batch)
+        loss = losses["loss"].detach().float()
+        if self.bad_loss is None and not torch.isfinite(loss):
+            self.bad_loss = loss.item()
         self.engine.backward(losses["loss"])
+        stop = False
+        if boundary:
+            # before engine.step() applies the update: a non-finite loss of any micro-batch must
+            # reach neither the weights nor a checkpoint
+            stop = self.check_finite(loss.device)
+            self.step_lr = self.engine.get_lr()[0]  # step() moves the scheduler on to the next lr
         self.engine.step()
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.summed += 1
         self.state.samples_seen += self.stream.batch_size * self.stream.world_size
-        return losses
+        return stop
 
-    def optimizer_step_done(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
-        finite, stop = _check_finite(losses, self.flag)
-        if not finite:
+    def check_finite(self, device: torch.device) -> bool:
+        """Raise if any rank saw a non-finite loss in this step; True if any rank got a stop signal.
+
+        One all-reduce, so every rank takes the same decision.
+        """
+        t = torch.tensor([float(self.bad_loss is not None), float(self.flag.signum is not None)])
+        if torch.distributed.is_initialized():
+            t = t.to(device)
+            torch.distributed.all_reduce(t)
+        if t[0].item() > 0:
+            loss = "not finite on another rank" if self.bad_loss is None else self.bad_loss
             raise FacemaeError(
-                f"loss is {losses['loss'].item()} at step {self.state.step + 1}: training stopped. "
+                f"loss is {loss} at step {self.state.step + 1}: training stopped. "
                 f"Last good checkpoint: {checkpoint.latest(self.ckpt_root) or 'none'}. Lower "
                 "optim.base_lr, set optim.grad_clip or check the data, then run again to resume"
             )
+        return t[1].item() > 0
+
+    def optimizer_step_done(self, batch: dict[str, Any], stop: bool) -> None:
         self.state.step += 1
-        self.task.after_step(self.state.step, self.engine.get_lr()[0])
+        self.task.after_step(self.state.step, self.step_lr)
         self.periodic(batch)
         if stop:
             self.checkpoint()
@@ -412,10 +462,11 @@ class _Fit:
     def periodic(self, batch: dict[str, Any]) -> None:
         step, run = self.state.step, self.run
         if step % run.log_every == 0:
-            metrics = {k: v / (run.log_every * self.grad_accum) for k, v in self.sums.items()}
-            metrics["lr"] = self.engine.get_lr()[0]
+            metrics = {k: v / self.summed for k, v in self.sums.items()}
+            metrics["lr"] = self.step_lr
             self.logger.log(step, self.state.samples_seen, metrics)
             self.sums.clear()
+            self.summed = 0
         if run.image_every and step % run.image_every == 0:
             self.task.visualize(
                 self.engine, batch, self.run_dir / "images" / f"step-{step:08d}.png"
@@ -435,9 +486,10 @@ class _Fit:
         todo = min(steps_per_epoch - in_epoch, self.total - self.state.step) * self.grad_accum
         batch = None
         for micro, batch in enumerate(make_loader(self.stream, self.run.num_workers), start=1):
-            losses = self.micro_step(batch)
-            if micro % self.grad_accum == 0:
-                self.optimizer_step_done(losses, batch)
+            boundary = micro % self.grad_accum == 0
+            stop = self.micro_step(batch, boundary)
+            if boundary:
+                self.optimizer_step_done(batch, stop)
             if micro >= todo:
                 break
         return batch
@@ -448,15 +500,14 @@ def fit(engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int 
     loop = _Fit(engine, task, stream, run, grad_accum)
     if run.resume:
         loop.state = _resume(engine, task, loop.ckpt_root, run.seed)
+        loop.saved_step = loop.state.step or None  # that checkpoint is on disk already
     else:
         torch.manual_seed(run.seed + loop.info.rank)
     last_batch = None
     try:
         while loop.state.step < loop.total:
             last_batch = loop.epoch() or last_batch
-        final = checkpoint.latest(loop.ckpt_root)
-        if final is None or final.name != checkpoint.step_name(loop.state.step):
-            loop.checkpoint()
+        loop.checkpoint()  # skipped when this step was saved already
         if last_batch is not None:
             path = loop.run_dir / "images" / f"step-{loop.state.step:08d}.png"
             task.visualize(engine, last_batch, path)

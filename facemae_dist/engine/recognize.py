@@ -29,6 +29,7 @@ from facemae_dist.engine.loop import (
     fit,
     micro_batch,
     start_run,
+    validate_common,
 )
 from facemae_dist.errors import FacemaeError
 
@@ -93,6 +94,7 @@ class RecogConfig:
 
 def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
     """Fail before any process group starts; returns (micro-batch per rank, num_classes)."""
+    validate_common(cfg)
     micro = micro_batch(cfg.data, cfg.engine, world_size)
     manifest = load_manifest(cfg.data.train)
     classes = manifest["num_classes"]
@@ -106,6 +108,10 @@ def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
             raise FacemaeError(f"eval.pairs: {path} not found (make one with `facemae make-pairs`)")
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         raise FacemaeError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
+    if cfg.head.optimizer not in ("sgd", "adamw"):
+        raise FacemaeError(
+            f"head.optimizer {cfg.head.optimizer!r} is unknown: use one of sgd, adamw"
+        )
     return micro, classes
 
 
@@ -150,11 +156,20 @@ class RecogTask:
             self.verify(step)
 
     def rank_state(self) -> dict[str, Any]:
-        return {"head": self.head.local_state_dict(), "best": self.best}
+        return {
+            "head": self.head.local_state_dict(),
+            "sampler": self.head.sampler_state(),
+            "best": self.best,
+        }
 
     def load_rank_states(self, states: list[dict[str, Any]]) -> None:
         self.head.load_sharded([s["head"] for s in states])  # re-shards if the world size changed
         self.best = max(s.get("best", -1.0) for s in states)
+        # negative sampling is drawn per rank, so its stream continues only on as many ranks as
+        # saved it; on another world size each rank's stream starts again from its seed (the run
+        # stays valid, it just is not bit-identical to an uninterrupted one)
+        if len(states) == self.head.world_size and "sampler" in states[self.head.rank]:
+            self.head.load_sampler_state(states[self.head.rank]["sampler"])
 
     def visualize(self, engine, batch: dict[str, Any], path: Path) -> None:
         pass  # nothing to draw for a recognizer; verification results go to the metrics log

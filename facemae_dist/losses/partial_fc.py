@@ -473,6 +473,21 @@ class PartialFC(nn.Module):
             self._sample_gen.manual_seed(self.seed * 7919 + self.rank + 1)
         return self._sample_gen
 
+    def sampler_state(self) -> dict[str, Any]:
+        """Position of this rank's negative-sampling stream (checkpoint it for an exact resume)."""
+        gen = self._generator()
+        return {"device": gen.device.type, "state": gen.get_state()}
+
+    def load_sampler_state(self, state: dict[str, Any]) -> None:
+        """Continue a stream saved by :meth:`sampler_state` on the same rank.
+
+        One saved on another device type (a CPU run resumed on GPUs) has another layout: the stream
+        then stays freshly seeded.
+        """
+        gen = self._generator()
+        if state["device"] == gen.device.type:
+            gen.set_state(state["state"])
+
     def _select_rows(self, index: torch.Tensor | None) -> torch.Tensor:
         """The leaf the loss is taken against: an alias of the shard, or a copy of sampled rows."""
         if index is None:
