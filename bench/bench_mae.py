@@ -5,7 +5,8 @@
    patches, position embedding added before masking, ``torch.gather`` with an index expanded over the
    width, mask tokens concatenated then unshuffled with another expanded gather, loss over all patches
    weighted by the mask). Same dimensions, same timm blocks, same weights, same masks.
-2. IRM overhead: step time of MAE + IRM (small CNN teacher) vs MSE only, same batch.
+2. IRM overhead: step time of MAE + IRM vs MSE only, same batch, with the toolkit's teacher
+   backbones; and the FLOP ratio of the (MAE, teacher) pairs that configs/mae/ use.
 
 Run: ``python bench/bench_mae.py`` (about 1.5 minutes; ``--quick``: fewer steps, no ViT-Base rows).
 By default it uses one torch thread and times each step in process CPU seconds: on a small machine
@@ -225,24 +226,6 @@ def _autocast() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class SmallTeacher(nn.Module):
-    """A small conv net standing in for the tiny recognizer: four stride-2 3x3 conv-BN-PReLU stages
-    (``width`` x 1, 2, 4, 8 channels) and a linear 512-d embedding, ~53M MACs per 112 px face."""
-
-    def __init__(self, width: int = 32, dim: int = 512) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in (width, width * 2, width * 4, width * 8):
-            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c)]
-            c_in = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in * 7 * 7, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).flatten(1))
-
-
 IRM_VARIANTS = {
     "MSE + IRM (NCHW)": dict(channels_last=False),
     "MSE + IRM (default: channels-last)": {},
@@ -250,11 +233,21 @@ IRM_VARIANTS = {
 }
 
 
-def bench_irm(cfg: dict, batch: int, iters: int, variants: list[str]) -> dict[str, float]:
+def teacher(arch: str) -> nn.Module:
+    """A toolkit backbone as the IRM teacher, randomly initialised (speed does not depend on the
+    weights; BatchNorm statistics are folded like a trained teacher's)."""
+    from facemae_dist.models.backbones import build_backbone
+
+    return build_backbone(arch, 128 if arch == "tiny" else 512)
+
+
+def bench_irm(
+    cfg: dict, arch: str, batch: int, iters: int, variants: list[str]
+) -> dict[str, float]:
     """Seconds per step (forward+backward) of MSE only and of MSE + IRM in the named settings."""
     torch.manual_seed(0)
     model = FaceMAE(**cfg)
-    teacher = SmallTeacher()
+    net = teacher(arch)
     imgs = torch.randn(batch, 3, 112, 112)
 
     def step_mse() -> None:
@@ -275,7 +268,7 @@ def bench_irm(cfg: dict, batch: int, iters: int, variants: list[str]) -> dict[st
         return step
 
     steps = {"MSE only": step_mse}
-    steps |= {k: step_irm(IRMLoss(teacher, **IRM_VARIANTS[k])) for k in variants}
+    steps |= {k: step_irm(IRMLoss(net, **IRM_VARIANTS[k])) for k in variants}
     return interleaved(steps, iters)
 
 
@@ -321,24 +314,69 @@ def print_mae(iters: int, with_base: bool) -> None:
     )
 
 
+MICRO = dict(embed_dim=128, depth=4, num_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4)
+
+
+def config_pairs() -> list[tuple[str, str, dict, str]]:
+    """(label, MAE preset, model kwargs, teacher backbone) of every configs/mae/*.yaml, each followed
+    by the same MAE with an iResNet-50 teacher (the heavier alternative) where it uses another."""
+    from pathlib import Path
+
+    from facemae_dist.config import load_config
+    from facemae_dist.engine.pretrain import PretrainConfig
+
+    pairs = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "mae").glob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        cfg = load_config(PretrainConfig, path, [])
+        model = (cfg.model.name, cfg.model.kwargs)
+        pairs.append((path.name, *model, cfg.irm.teacher_arch))
+        if cfg.irm.teacher_arch not in ("iresnet50", "tiny"):
+            pairs.append(("  same, iResNet-50 teacher", *model, "iresnet50"))
+    return pairs
+
+
 def print_irm(iters: int, with_base: bool) -> None:
-    """The IRM overhead table: tiny MAE (all teacher settings), base MAE (default setting)."""
+    """The IRM overhead tables: measured steps, then the FLOP ratio of the configs' pairings."""
     x = torch.randn(2, 3, 112, 112)
-    t_macs = count_macs(SmallTeacher().eval(), x)
-    print(
-        f"\nIRM overhead: small CNN teacher ({t_macs / 1e6:.0f}M MACs/img fwd; runs on originals, "
-        "recon fwd, recon bwd)"
-    )
-    print(f"{'MAE (MACs/img fwd), batch':34s} {'step (fwd+bwd)':40s} {'s/step':>7s} {'vs MSE':>7s}")
-    runs = [("tiny p16", TINY, 32, iters, list(IRM_VARIANTS))]
+    print("\nIRM overhead: the teacher runs on the originals (forward) and on the reconstructions")
+    print("(forward + input-gradient backward); its cost over the MAE's is IRM's whole overhead.")
+    header = f"{'MAE (MACs/img fwd) + teacher, batch':44s} {'step (fwd+bwd)':40s}"
+    print(f"{header} {'s/step':>7s} {'vs MSE':>7s}")
+    runs = [
+        ("micro p16", MICRO, "tiny", 32, iters, list(IRM_VARIANTS)),
+        ("tiny p16", TINY, "tiny", 32, iters, list(IRM_VARIANTS)),
+    ]
     if with_base:
-        runs.append(("base p16", BASE, 8, 2, ["MSE + IRM (default: channels-last)"]))
-    for label, cfg, batch, n, variants in runs:
+        default = ["MSE + IRM (default: channels-last)"]
+        runs += [
+            ("base p16", BASE, "mobilefacenet", 8, 2, default),
+            ("base p16", BASE, "iresnet50", 4, 1, default),
+        ]
+    for label, cfg, arch, batch, n, variants in runs:
         macs = count_macs(FaceMAE(**cfg), x)
-        times = bench_irm(cfg, batch, n, variants)
+        t_macs = count_macs(teacher(arch).eval(), x)
+        times = bench_irm(cfg, arch, batch, n, variants)
         for name, t in times.items():
-            row = f"{label} ({macs / 1e6:.0f}M), {batch}"
-            print(f"{row:34s} {name:40s} {t:7.3f} {t / times['MSE only']:6.2f}x")
+            row = f"{label} ({macs / 1e6:.0f}M) + {arch} ({t_macs / 1e6:.0f}M), {batch}"
+            print(f"{row:44s} {name:40s} {t:7.3f} {t / times['MSE only']:6.2f}x")
+    if not with_base:
+        return
+    from bench_zero import flops_per_image
+
+    print("\nFLOPs per image (fwd+bwd) of the configs' pairings: the overhead a device running")
+    print("both at the same efficiency would see")
+    print(
+        f"{'config':28s} {'MAE':30s} {'teacher':14s} {'MAE GFLOP':>9s} {'+IRM':>8s} {'ratio':>6s}"
+    )
+    for cfg_name, preset, kwargs, arch in config_pairs():
+        mae = flops_per_image(preset, kwargs, 0.75, None)
+        both = flops_per_image(preset, kwargs, 0.75, arch)
+        print(
+            f"{cfg_name:28s} {preset:30s} {arch:14s} {mae / 1e9:9.2f} {both / 1e9:8.2f} "
+            f"{both / mae:5.2f}x"
+        )
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     kwargs = json.loads(args.model_kwargs)
     cfg = PretrainConfig(
         model=ModelConfig(name=name, mask_ratio=args.mask_ratio, kwargs=kwargs),
-        irm=IRMConfig(weight=1.0 if args.irm else 0.0, teacher_arch=args.irm or "iresnet50"),
+        irm=IRMConfig(weight=1.0 if args.irm else 0.0, teacher_arch=args.irm or "mobilefacenet"),
         optim=OptimConfig(warmup_steps=1),
         engine=EngineConfig(zero_stage=args.zero, precision=args.precision),
     )

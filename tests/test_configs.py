@@ -185,3 +185,21 @@ def test_deepspeed_fragment_is_accepted(fragment):
             assert getattr(parsed.zero_config, field) == value, key
         for key, value in data.get("data_types", {}).items():  # also ignored when misspelt
             assert getattr(parsed, key) == value, key
+
+
+MAE_REALISTIC = [p for p in REALISTIC if p.parent.name == "mae"]
+
+
+@pytest.mark.parametrize("path", MAE_REALISTIC, ids=ids(MAE_REALISTIC))
+def test_irm_teacher_is_a_shipped_recognizer_of_that_architecture(path):
+    """irm.teacher names the export of a configs/recog run whose backbone is irm.teacher_arch, and
+    that run is not the one the privacy audit should use (a different recognizer exists)."""
+    cfg = load(path)
+    runs = {load(p).run.out_dir: load(p) for p in REALISTIC if p.parent.name == "recog"}
+    teacher_run = str(Path(cfg.irm.teacher).parent)
+    assert teacher_run in runs, f"{cfg.irm.teacher}: no configs/recog run writes it"
+    recog = runs[teacher_run]
+    assert recog.backbone.name == cfg.irm.teacher_arch
+    assert recog.backbone.embedding_size == cfg.irm.teacher_embedding
+    auditors = [r for d, r in runs.items() if d != teacher_run and r.data.train == recog.data.train]
+    assert auditors, "no independent recognizer on the same seen split to audit with"

@@ -46,7 +46,7 @@ class IRMConfig:
     weight: float = 1.0  # w_irm; 0 = MSE-only ablation (no teacher needed)
     w_mse: float = 1.0
     teacher: str | None = None  # .safetensors of a recognizer trained with `facemae train`
-    teacher_arch: str = "iresnet50"
+    teacher_arch: str = "mobilefacenet"  # light: its cost is IRM's overhead
     teacher_embedding: int = 512
     temperature: float = 0.1
     similarity: str = "cosine"  # cosine | dot
