@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -52,13 +53,19 @@ FULL = DemoSize(
 )
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it; torchrun binds it right after)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Demo:
     """One demo run folder; every stage is a separate process started like a user would."""
 
     def __init__(self, out: Path, size: DemoSize, mask_ratio: float = 0.75, seed: int = 0) -> None:
         self.out, self.size, self.mask_ratio, self.seed = out, size, mask_ratio, seed
         self.log = out / "demo.log"
-        self.port = 29400 + os.getpid() % 400
 
     # ------------------------------------------------------------ process helpers
 
@@ -88,13 +95,12 @@ class Demo:
             )
 
     def torchrun(self, module: str, *args: str) -> None:
-        self.port += 1
         self.run(
             _bin("torchrun"),
             "--nproc_per_node",
             "2",
             "--master_port",
-            str(self.port),
+            str(free_port()),  # a port free now: concurrent demos or tests cannot collide
             "-m",
             module,
             *args,

@@ -106,7 +106,7 @@ def test_source_from_spec() -> None:
     assert (
         src.labels[0] == 0 and src.labels[19] == 0 and src.labels[20] == 1 and src.labels[-1] == 199
     )
-    assert len(src.identity_names) == 200 and src.identity_names[123] == "synth_000123"
+    assert len(src.identity_names) == 200 and src.identity_names[123] == "synth7_000123"
     assert "200x20" in src.description
     assert SyntheticSource.from_spec("10x3").cfg.seed == 0
     assert SyntheticSource.from_spec("10x3", image_size=64).cfg.image_size == 64
@@ -137,9 +137,9 @@ def test_write_folder(tmp_path) -> None:
     cfg = SynthConfig(3, 2, seed=2)
     assert write_folder(cfg, tmp_path, progress=False) == 6
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg"))
-    assert files[0] == "synth_000000/0000.jpg" and files[-1] == "synth_000002/0001.jpg"
+    assert files[0] == "synth2_000000/0000.jpg" and files[-1] == "synth2_000002/0001.jpg"
     assert len(files) == 6
-    assert (tmp_path / "synth_000001" / "0001.jpg").read_bytes() == encode_face(cfg, 1, 1)
+    assert (tmp_path / "synth2_000001" / "0001.jpg").read_bytes() == encode_face(cfg, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -815,9 +815,13 @@ def encode_face(cfg: SynthConfig, identity: int, index: int) -> bytes:
     return buf.getvalue()
 
 
-def identity_name(identity: int) -> str:
-    """Folder / label name of an identity, e.g. ``synth_000123``."""
-    return f"synth_{identity:06d}"
+def identity_name(identity: int, seed: int = 0) -> str:
+    """Folder / label name of an identity, e.g. ``synth0_000123``.
+
+    The seed is part of the name because it is part of the person: identity 123 of seed 0 and of
+    seed 7 are different people, and a leakage audit over both sets matches faces by name.
+    """
+    return f"synth{seed}_{identity:06d}"
 
 
 class SyntheticSource(Source):
@@ -864,7 +868,7 @@ class SyntheticSource(Source):
 
     @functools.cached_property
     def identity_names(self) -> list[str]:  # cached: 2M names take ~0.8 s to build
-        return [identity_name(i) for i in range(self.cfg.num_identities)]
+        return [identity_name(i, self.cfg.seed) for i in range(self.cfg.num_identities)]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # spawned workers rebuild the caches instead of unpickling
@@ -887,7 +891,7 @@ def write_folder(cfg: SynthConfig, out_dir: str | Path, progress: bool = True) -
     count = 0
     with ProgressBar("synth", total=cfg.num_images, unit="img", enabled=progress) as bar:
         for identity in range(cfg.num_identities):
-            folder = out / identity_name(identity)
+            folder = out / identity_name(identity, cfg.seed)
             folder.mkdir(parents=True, exist_ok=True)
             for j in range(cfg.images_per_identity):
                 (folder / f"{j:04d}.jpg").write_bytes(encode_face(cfg, identity, j))
