@@ -30,8 +30,14 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict, merged over its `base:` chain (each base relative to its file)."""
     path = Path(path)
+    if path.resolve() in [p.resolve() for p in _chain]:
+        cycle = " → ".join(str(p) for p in (*_chain, path))
+        raise FacemaeError(
+            f"config base: files form a cycle ({cycle}): remove one of these base: lines"
+        )
     if not path.is_file():
         raise FacemaeError(f"config file {path} not found: pass an existing YAML (see configs/)")
     try:
@@ -41,17 +47,19 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise FacemaeError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
-    return _merge(load_yaml(path.parent / base), data) if base else data
+    if base is not None and not isinstance(base, str):
+        raise FacemaeError(
+            f"{path}: base: must be a file name (relative to {path.parent}), got {base!r}"
+        )
+    return _merge(load_yaml(path.parent / base, (*_chain, path)), data) if base else data
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """`optim.base_lr=1e-3 data.batch_size=64` → nested dict updates (values parsed as YAML)."""
+    """`optim.base_lr=1e-3 data.global_batch=64` → nested dict updates (values parsed as YAML)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise FacemaeError(
-                f"override {item!r}: expected section.key=value, e.g. optim.epochs=10"
-            )
+            raise FacemaeError(f"override {item!r}: expected section.key=value, e.g. run.epochs=10")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:

@@ -8,6 +8,7 @@ NCCL on GPUs, gloo without.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +16,20 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+# Rendezvous ports, all below Linux's ephemeral range (32768-60999, where the kernel picks the
+# source ports of outgoing connections: a rendezvous port there can be taken by any socket).
+# A Slurm job J's attempt R (SLURM_RESTART_COUNT) listens on job_port(J, R) in [15000, 29000]:
+# each job owns a block of JOB_PORT_STRIDE ports, one per attempt, so the attempts of a job and of
+# its neighbours (the next 436 job ids) never share a port. slurm/common.sh computes the same.
+# A process without a launcher or a job id uses DEFAULT_PORT, outside that range.
+JOB_PORT_BASE, JOB_PORT_SPAN, JOB_PORT_STRIDE = 15000, 14001, 32
 DEFAULT_PORT = 29511
+
+
+def job_port(job_id: str | int, restart: int = 0) -> int:
+    """MASTER_PORT of Slurm job `job_id`'s attempt `restart` (the same formula as slurm/common.sh)."""
+    digits = int(re.sub(r"\D", "", str(job_id)) or 0)
+    return JOB_PORT_BASE + (digits * JOB_PORT_STRIDE + restart) % JOB_PORT_SPAN
 
 
 @dataclass(frozen=True)
@@ -62,11 +76,10 @@ def _export_env(info: DistInfo) -> None:
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _first_slurm_host() if info.launcher == "slurm" else "127.0.0.1"
-    if "MASTER_PORT" not in os.environ:
+    if "MASTER_PORT" not in os.environ:  # torchrun, accelerate and slurm/common.sh set it
         job = os.environ.get("SLURM_JOB_ID", "")
-        os.environ["MASTER_PORT"] = str(
-            DEFAULT_PORT + int(job) % 1000 if job.isdigit() else DEFAULT_PORT
-        )
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        os.environ["MASTER_PORT"] = str(job_port(job, restart) if job.isdigit() else DEFAULT_PORT)
 
 
 def backend() -> str:

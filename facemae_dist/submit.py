@@ -36,8 +36,8 @@ EXIT_PREEMPTED = 75
 OUT_KEY = "run.out_dir"
 
 
-def stage_main(stage: str) -> Callable[[list[str]], Any]:
-    """The library `main(argv)` of a stage: the module `facemae` runs it from, else `facemae_dist.<stage>`."""
+def stage_module(stage: str) -> Any:
+    """The module of a stage: the one `facemae` runs it from, else `facemae_dist.<stage>`."""
     from facemae_dist.cli import STAGES
 
     if stage == "submit" or not re.fullmatch(r"[a-z_]+", stage):
@@ -56,13 +56,19 @@ def stage_main(stage: str) -> Callable[[list[str]], Any]:
         raise
     if not callable(getattr(module, "main", None)):
         raise FacemaeError(f"{name} has no main(argv): it cannot be submitted")
-    return module.main
+    return module
+
+
+def stage_main(stage: str) -> Callable[[list[str]], Any]:
+    """The library `main(argv)` of a stage."""
+    return stage_module(stage).main
 
 
 def master_port(job_id: str, restart: int = 0) -> int:
-    """A port per job and attempt, the same formula as slurm/common.sh."""
-    digits = int(re.sub(r"\D", "", job_id) or 0)
-    return 20000 + (digits * 7 + restart) % 20000
+    """A port per job and attempt, the same formula as slurm/common.sh (see dist.job_port)."""
+    from facemae_dist.dist import job_port  # imports torch: only where a job starts
+
+    return job_port(job_id, restart)
 
 
 def dist_variables(env: Any) -> dict[str, str]:
@@ -159,6 +165,10 @@ class StageJob:
         )
 
 
+def tasks_per_node(args: argparse.Namespace) -> int:
+    return args.tasks_per_node or max(1, args.gpus_per_node)
+
+
 def make_executor(args: argparse.Namespace, folder: str) -> Any:
     """A submitit AutoExecutor sized from the command line (no GPU flag unless GPUs are asked for)."""
     import submitit
@@ -168,7 +178,7 @@ def make_executor(args: argparse.Namespace, folder: str) -> Any:
     params: dict[str, Any] = {
         "name": f"facemae-{args.stage}",
         "nodes": args.nodes,
-        "tasks_per_node": args.tasks_per_node or max(1, args.gpus_per_node),
+        "tasks_per_node": tasks_per_node(args),
         "cpus_per_task": args.cpus_per_task,
         "timeout_min": args.time,
         "slurm_signal_delay_s": args.signal_delay,
@@ -205,12 +215,53 @@ def config_of(stage_args: Sequence[str]) -> str | None:
     return None
 
 
-def submit(args: argparse.Namespace) -> Any:
-    """Submit `args.stage` with `args.stage_args`; returns the submitit Job."""
-    stage_main(args.stage)  # unknown stage: fail here, not in the job
+def wants_help(stage_args: Sequence[str]) -> bool:
+    """`facemae submit STAGE ... --help`: the stage's help, printed here (never a job)."""
+    return any(a in ("-h", "--help") for a in stage_args)
+
+
+def _reconstruct_preflight(argv: list[str], world_size: int) -> None:
+    """reconstruct: its arguments, the input split's manifest and, for FaceMAE, the run folder."""
+    from facemae_dist.data.shards import load_manifest
+    from facemae_dist.engine import reconstruct
+
+    a = reconstruct.parser().parse_args(argv)
+    load_manifest(a.input)
+    if a.method == "facemae":
+        if not a.model:
+            raise FacemaeError(
+                "--method facemae needs --model RUN_DIR (a finished `facemae pretrain` run)"
+            )
+        if not (Path(a.model) / "model.json").is_file():
+            raise FacemaeError(
+                f"--model {a.model} has no model.json: pass the folder of a finished `facemae pretrain` run"
+            )
+
+
+# stages whose module has no preflight(argv, world_size) of its own
+PREFLIGHT: dict[str, Callable[[list[str], int], None]] = {"reconstruct": _reconstruct_preflight}
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Check the stage's arguments here, before the job waits in the queue: the stage module's
+    `preflight(argv, world_size)` (the trainers: config file, keys, overrides and validate()), else
+    one of PREFLIGHT, else its argument parser. No process group starts."""
+    module = stage_module(args.stage)  # unknown stage: fail here, not in the job
     config = config_of(args.stage_args)
     if config is not None and not Path(config).is_file():
-        raise FacemaeError(f"config {config} not found")
+        raise FacemaeError(f"config {config} not found: pass an existing YAML (see configs/)")
+    world_size = args.nodes * tasks_per_node(args)
+    check = getattr(module, "preflight", None) or PREFLIGHT.get(args.stage)
+    if callable(check):
+        check(list(args.stage_args), world_size)
+    elif callable(getattr(module, "parser", None)):
+        module.parser().parse_args(list(args.stage_args))
+
+
+def submit(args: argparse.Namespace) -> Any:
+    """Submit `args.stage` with `args.stage_args` after :func:`preflight`; returns the submitit Job."""
+    preflight(args)
+    config = config_of(args.stage_args)
     executor = make_executor(args, log_folder(args))
     job = StageJob(args.stage, args.stage_args, args.runs, run_dir=config is not None)
     return executor.submit(job)
@@ -278,6 +329,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if wants_help(args.stage_args):
+        print(
+            f"facemae submit {args.stage}: the stage's options follow; submit's own: "
+            "`facemae submit --help`\n",
+            flush=True,
+        )
+        stage_main(args.stage)(["--help"])  # argparse prints the help and exits 0
+        return {}
     job = submit(args)
     print(f"submitted {args.stage} as job {job.job_id}; logs in {job.paths.folder}", flush=True)
     out: dict[str, Any] = {"job_id": job.job_id}

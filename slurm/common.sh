@@ -5,7 +5,8 @@
 #   1. finds the repository ($FACEMAE_HOME, else $SLURM_SUBMIT_DIR: submit from the repository root),
 #      cds there and puts .venv/bin first on PATH when it exists;
 #   2. picks the backend: GPUs on the node (nvidia-smi) => NCCL; none => gloo and DS_ACCELERATOR=cpu;
-#   3. exports MASTER_ADDR (first node of the allocation) and MASTER_PORT (from the job id);
+#   3. exports MASTER_ADDR (first node of the allocation) and MASTER_PORT (facemae_master_port: from the job
+#      id and the attempt, below the ephemeral port range);
 #   4. runs `srun --kill-on-bad-exit=1 python -m <stage module> ARGS`, one task per allocated task slot (ask
 #      for one per GPU); facemae_dist/dist.py reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID in every task.
 #      Trainers (facemae_trainer) get `--config CONFIG [key=value ...] run.out_dir=runs/<stage>-$SLURM_JOB_ID`
@@ -17,7 +18,7 @@
 #
 # Outside Slurm, `bash slurm/<stage>.sh CONFIG ...` submits itself with sbatch, sized from the environment:
 #   NODES, GPUS_PER_NODE (=> --gpus-per-node and one task per GPU), CPUS_PER_TASK, PARTITION, TIME_LIMIT,
-#   ACCOUNT; FACEMAE_DRY_RUN=1 prints the sbatch command instead of running it.
+#   ACCOUNT; FACEMAE_DRY_RUN=1 prints the sbatch command (shell-quoted) instead of running it.
 # Other knobs: FACEMAE_HOME, FACEMAE_RUNS (default runs), FACEMAE_OUT_KEY (default run.out_dir; empty:
 #   pass no run directory), FACEMAE_ACCELERATOR=cpu|gpu (skip detection), FACEMAE_MAX_REQUEUES (default 20),
 #   FACEMAE_SRUN_ARGS (extra srun flags), FACEMAE_MASTER_PORT, OMP_NUM_THREADS (default: cpus per task).
@@ -54,6 +55,14 @@ facemae_gpu_count() {  # GPUs on this node (0 without nvidia-smi); FACEMAE_ACCEL
   esac
 }
 
+facemae_master_port() {  # facemae_master_port JOB_ID [RESTART]: the rendezvous port of that attempt
+  # 15000-29000, below Linux's ephemeral range (32768-60999) where any outgoing socket may hold a port.
+  # Each job owns a block of 32 ports, one per attempt (FACEMAE_MAX_REQUEUES=20 stays below 32), so a job's
+  # attempts never meet those of its neighbours (the next 436 job ids). = facemae_dist/dist.py job_port.
+  local job=${1//[^0-9]/}
+  echo $((15000 + (10#${job:-0} * 32 + ${2:-0}) % 14001))
+}
+
 facemae_setup() {  # environment every stage shares: repository, venv, threads, backend, rendezvous
   FACEMAE_HOME=$(facemae_home)
   export FACEMAE_HOME
@@ -74,7 +83,7 @@ facemae_setup() {  # environment every stage shares: repository, venv, threads, 
   if [ -n "${SLURM_JOB_NODELIST:-}" ]; then # from the allocation, not from the submitting shell
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     # one port per job and attempt: a requeued attempt never meets a socket of the previous one
-    MASTER_PORT=${FACEMAE_MASTER_PORT:-$((20000 + (SLURM_JOB_ID * 7 + ${SLURM_RESTART_COUNT:-0}) % 20000))}
+    MASTER_PORT=${FACEMAE_MASTER_PORT:-$(facemae_master_port "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}")}
     export MASTER_ADDR MASTER_PORT
   fi
 }
@@ -153,12 +162,18 @@ facemae_link_log() {  # facemae_link_log <run dir>: the batch log, found from th
   if [ -n "$log" ] && [ -f "$log" ]; then ln -sfn "$(realpath "$log")" "$1/slurm-$SLURM_JOB_ID.out" || true; fi
 }
 
-facemae_self_submit() {  # outside Slurm: submit the calling script with sbatch, sized from the environment
-  local script
+facemae_check_config() {  # facemae_check_config CONFIG: exists (relative paths: to the repository root)
+  [ -f "$1" ] || facemae_die "config $1 not found (paths are relative to $FACEMAE_HOME)"
+}
+
+facemae_self_submit() {  # facemae_self_submit <config to check, or ""> ARGS...: outside Slurm, sbatch the script
+  local script config=$1  # that called it, sized from the environment
+  shift
   script=$(realpath "$0")
   FACEMAE_HOME=$(facemae_home)
   export FACEMAE_HOME
   cd "$FACEMAE_HOME" || exit 2
+  [ -z "$config" ] || facemae_check_config "$config" # before anything is built or submitted
   local -a flags=(--output="${FACEMAE_RUNS:-runs}/logs/%x-%j.out")
   [ -n "${NODES:-}" ] && flags+=(--nodes="$NODES")
   [ -n "${GPUS_PER_NODE:-}" ] && flags+=(--gpus-per-node="$GPUS_PER_NODE" --ntasks-per-node="$GPUS_PER_NODE")
@@ -166,8 +181,10 @@ facemae_self_submit() {  # outside Slurm: submit the calling script with sbatch,
   [ -n "${PARTITION:-}" ] && flags+=(--partition="$PARTITION")
   [ -n "${TIME_LIMIT:-}" ] && flags+=(--time="$TIME_LIMIT")
   [ -n "${ACCOUNT:-}" ] && flags+=(--account="$ACCOUNT")
-  if [ "${FACEMAE_DRY_RUN:-0}" = 1 ]; then
-    echo sbatch "${flags[@]}" "$script" "$@"
+  if [ "${FACEMAE_DRY_RUN:-0}" = 1 ]; then # one shell-quoted line: it can be pasted as it is
+    local line
+    printf -v line '%q ' sbatch "${flags[@]}" "$script" "$@"
+    echo "${line% }"
     exit 0
   fi
   command -v sbatch >/dev/null || facemae_die "no sbatch here: on one machine use torchrun (see docs/cluster.md)"
@@ -178,7 +195,7 @@ facemae_self_submit() {  # outside Slurm: submit the calling script with sbatch,
 facemae_stage() {  # facemae_stage <stage> <python module> ARGS...: `python -m MODULE ARGS` on every task
   local stage=$1 module=$2
   shift 2
-  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "$@"
+  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "" "$@"
   facemae_traps
   facemae_setup
   _facemae_run "$stage" "$module" "" "$@"
@@ -189,12 +206,12 @@ facemae_trainer() {  # facemae_trainer <stage> <python module> CONFIG [key=value
   shift 2
   [ "${1:-}" = --config ] && shift
   [ $# -ge 1 ] || facemae_die "usage: sbatch [sbatch flags] slurm/<script>.sh CONFIG [key=value ...]"
-  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "$@"
+  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "$1" "$@"
   facemae_traps
   facemae_setup
   local config=$1 key=${FACEMAE_OUT_KEY-run.out_dir} out="" arg
   shift
-  [ -f "$config" ] || facemae_die "config $config not found (paths are relative to $FACEMAE_HOME)"
+  facemae_check_config "$config"
   local -a args=(--config "$config" "$@")
   if [ -n "$key" ]; then # the run directory: KEY=... if given, else runs/<stage>-<job id> (same on requeue)
     for arg in "$@"; do case "$arg" in "$key="*) out=${arg#"$key="} ;; esac; done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,100 @@ def test_shard_tool_script_is_the_same_command(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "train: 18 images, 6 identities" in done.stdout
+
+
+# ---------------------------------------------------------------- submitting: checks before the queue
+
+MAE_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/mae/tiny_cpu.yaml")
+
+
+def test_submit_prints_stage_help_and_checks_the_config_before_submitting(
+    tmp_path, monkeypatch, capsys, sharded_split
+):
+    """`facemae submit STAGE --help` is answered here; config errors appear at submit time, and a
+    job is only built once the stage's own validation passed."""
+    from types import SimpleNamespace
+
+    from facemae_dist import submit
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    submitted = []
+
+    def fake_executor(args, folder):
+        job = SimpleNamespace(job_id="7", paths=SimpleNamespace(folder=folder))
+        return SimpleNamespace(submit=lambda fn: submitted.append(fn) or job)
+
+    monkeypatch.setattr(submit, "make_executor", fake_executor)
+    with pytest.raises(SystemExit) as done:
+        main(["submit", "pretrain", "--help"])
+    assert done.value.code == 0 and "usage: facemae pretrain" in capsys.readouterr().out
+    data = f"data.train={sharded_split}"
+    bad = {
+        ("optim.epochs=10", data): "unknown config key optim.epochs",
+        (data, "irm.direction=sideways"): "irm.direction must be one of",
+        (
+            data,
+            "irm.weight=1",
+            "irm.teacher=none.safetensors",
+        ): "irm.teacher none.safetensors not found",
+        ("data.train=nowhere",): "no shard manifest at nowhere",
+        (data, "--nodes", "3"): "not divisible by ranks",  # 16 images over 3 ranks
+    }
+    for extra, message in bad.items():
+        argv = ["submit", "pretrain", "--config", MAE_CONFIG, "--cluster", "slurm", *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert main(["submit", "reconstruct", str(sharded_split), "out", "--model", "no-run"]) == 2
+    assert "--model no-run has no model.json" in capsys.readouterr().err
+    assert not submitted and not list(work.iterdir())  # nothing built, nothing written
+    assert main(["submit", "pretrain", "--config", MAE_CONFIG, "--cluster", "slurm", data]) == 0
+    assert len(submitted) == 1 and "submitted pretrain as job 7" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- slurm/common.sh without a Slurm
+
+
+def _no_slurm_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, **extra}
+
+
+def test_slurm_self_submit_checks_the_config_first_and_quotes_the_dry_run():
+    repo = Path(__file__).resolve().parents[1]
+    script = ["bash", "slurm/train_mae.sh"]
+    env = _no_slurm_env(FACEMAE_DRY_RUN="1")
+    run = {"cwd": repo, "env": env, "capture_output": True, "text": True, "timeout": 30}
+    done = subprocess.run([*script, "configs/mae/nope.yaml", "x=1"], **run)
+    assert done.returncode == 2 and not done.stdout
+    assert "config configs/mae/nope.yaml not found" in done.stderr
+    done = subprocess.run([*script, MAE_CONFIG, "run.out_dir=runs/a b", "x=it's"], **run)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sbatch --output=runs/logs/%x-%j.out ")
+    assert done.stdout.rstrip("\n").endswith(f"{MAE_CONFIG} run.out_dir=runs/a\\ b x=it\\'s")
+
+
+def test_rendezvous_ports_agree_and_keep_out_of_the_ephemeral_range():
+    """slurm/common.sh, submitit jobs and dist.py pick the same port; below 32768; a job's attempts
+    (up to FACEMAE_MAX_REQUEUES=20 requeues) never share a port with a neighbouring job's."""
+    from facemae_dist import dist, submit
+
+    repo = Path(__file__).resolve().parents[1]
+    jobs = [(1, 0), (1234, 3), (98765432, 20), (4242, 7)]
+    line = "; ".join(f"facemae_master_port {j} {r}" for j, r in jobs)
+    done = subprocess.run(
+        ["bash", "-c", f"source slurm/common.sh; {line}"],
+        cwd=repo, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [int(p) for p in done.stdout.split()] == [dist.job_port(j, r) for j, r in jobs]
+    assert submit.master_port("1234", 3) == dist.job_port(1234, 3)
+    for start in (1, 777_777):
+        ports = {}
+        for job in range(start, start + 437):
+            for restart in range(21):
+                port = dist.job_port(job, restart)
+                assert 15000 <= port <= 29000 and port != dist.DEFAULT_PORT
+                assert ports.setdefault(port, job) == job, (job, restart, ports[port])

@@ -203,3 +203,16 @@ def test_irm_teacher_is_a_shipped_recognizer_of_that_architecture(path):
     assert recog.backbone.embedding_size == cfg.irm.teacher_embedding
     auditors = [r for d, r in runs.items() if d != teacher_run and r.data.train == recog.data.train]
     assert auditors, "no independent recognizer on the same seen split to audit with"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_accelerate_configs_leave_precision_to_the_run_config(path):
+    """The toolkit builds its own DeepSpeed engine: accelerate's mixed_precision is ignored (the
+    run's engine.precision decides), so a launcher file must not claim one."""
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg.get("mixed_precision", "no") == "no", f"{path.name}: set mixed_precision: 'no'"
+    assert cfg["distributed_type"] != "DEEPSPEED"  # accelerate only launches the processes

@@ -142,6 +142,9 @@ def test_shared_settings_are_checked_by_both_trainers():
         "run.ckpt_every=-1": r"run.ckpt_every must be >= 0 \(0: only the final checkpoint\)",
         "engine.grad_accum=0": r"engine.grad_accum must be >= 1",
         "engine.precision=fp16": "engine.precision must be fp32 or bf16",
+        "engine.deepspeed_config=configs/deepspeed/zero9.json": (
+            "engine.deepspeed_config configs/deepspeed/zero9.json not found"
+        ),
     }
     for module, cls, config in [
         (pretrain, pretrain.PretrainConfig, "configs/mae/tiny_cpu.yaml"),
@@ -151,6 +154,50 @@ def test_shared_settings_are_checked_by_both_trainers():
             cfg = load_config(cls, REPO / config, [override, "data.train=/nonexistent"])
             with pytest.raises(FacemaeError, match=message):
                 module.validate(cfg, 1)
+
+
+def test_base_cycles_and_the_override_example(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nrun:\n  seed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: ./a.yaml\n")
+    with pytest.raises(FacemaeError, match=r"cycle \(.*a.yaml → .*b.yaml → .*a.yaml\)"):
+        load_config(PretrainConfig, tmp_path / "a.yaml")
+    with pytest.raises(FacemaeError, match="e.g. run.epochs=10") as err:
+        apply_overrides({}, ["epochs"])
+    example = str(err.value).rsplit("e.g. ", 1)[1]
+    assert (
+        load_config(PretrainConfig, REPO / "configs/mae/tiny_cpu.yaml", [example]).run.epochs == 10
+    )
+
+
+def test_deepspeed_config_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """Relative paths: the working directory first, then the repository root (configs/deepspeed)."""
+    from facemae_dist.engine.loop import EngineConfig, deepspeed_config, validate_common
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        PretrainConfig,
+        REPO / "configs/mae/tiny_cpu.yaml",
+        ["engine.deepspeed_config=configs/deepspeed/zero2.json"],
+    )
+    validate_common(cfg)
+    repo_fragment = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
+    merged = deepspeed_config(cfg.engine, 8, 1, cfg.optim)
+    assert merged["zero_optimization"]["stage"] == 2
+    assert all(merged[k] == v for k, v in repo_fragment.items() if k != "zero_optimization")
+    (tmp_path / "configs/deepspeed").mkdir(parents=True)
+    (tmp_path / "configs/deepspeed/zero2.json").write_text('{"wall_clock_breakdown": true}')
+    merged = deepspeed_config(cfg.engine, 8, 1, cfg.optim)  # the working directory's copy wins
+    assert merged["wall_clock_breakdown"] is True
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(FacemaeError, match="broken.json is not valid JSON"):
+        validate_common(
+            load_config(
+                PretrainConfig,
+                REPO / "configs/mae/tiny_cpu.yaml",
+                ["engine.deepspeed_config=broken.json"],
+            )
+        )
+    assert EngineConfig().deepspeed_config is None
 
 
 # ---------------------------------------------------------------- the fit loop on fakes
@@ -272,6 +319,27 @@ def test_head_gets_the_lr_of_the_step_and_logs_average_what_was_summed(fake_fit,
     state, task = fake_fit(FakeEngine(), max_steps=6, log_every=2)
     assert state.step == 6 and task.lrs == pytest.approx([0.1, 0.1, 0.1])
     assert [(m["step"], m["one"]) for m in metrics(tmp_path)] == [(2, 1.0), (4, 1.0), (6, 1.0)]
+
+
+def test_first_metrics_line_has_a_rate_and_an_eta(fake_fit, tmp_path, monkeypatch, capsys):
+    """The first line already measures the run (from the loop's start): docs/cluster.md sizes
+    --time from it. Each fake step takes 0.5 s of a fake clock, 1 image per step."""
+    from types import SimpleNamespace
+
+    from facemae_dist.engine import loop
+
+    clock = [100.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class TimedEngine(FakeEngine):
+        def step(self) -> None:
+            clock[0] += 0.5
+            super().step()
+
+    fake_fit(TimedEngine(), max_steps=122, log_every=2)
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step"))
+    assert first.startswith("step 2/122 ") and first.endswith("| 2.0 img/s | eta 1.0 min"), first
+    assert [m["img_per_s"] for m in metrics(tmp_path)[:3]] == pytest.approx([2.0, 2.0, 2.0])
 
 
 def test_stop_signal_on_a_checkpoint_step_saves_once(fake_fit, tmp_path, monkeypatch):

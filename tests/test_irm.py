@@ -254,3 +254,38 @@ def test_teacher_precision_follows_the_engine_or_the_config(tmp_path) -> None:
     bad.irm = IRMConfig(weight=0.0, teacher_precision="fp16")
     with pytest.raises(FacemaeError, match="irm.teacher_precision must be"):
         validate(bad, 1)
+
+
+def test_pretrain_checks_irm_options_and_the_teacher_architecture_before_start(tmp_path) -> None:
+    """validate() (before any process group) rejects bad IRM options, and a teacher whose
+    model.json (written by `facemae train`) disagrees with irm.teacher_arch/teacher_embedding,
+    in one line that gives the right overrides."""
+    import json
+    from pathlib import Path
+
+    from facemae_dist.config import load_config
+    from facemae_dist.engine.pretrain import PretrainConfig, validate
+
+    config = Path(__file__).resolve().parents[1] / "configs/mae/tiny_cpu.yaml"
+    data = f"data.train={tmp_path / 'no-shards'}"  # every check below comes before the shards'
+    bad = {
+        "irm.direction=sideways": "irm.direction must be one of",
+        "irm.similarity=l2": "irm.similarity must be one of",
+        "irm.temperature=0": "irm.temperature must be > 0",
+    }
+    for override, message in bad.items():
+        with pytest.raises(FacemaeError, match=message):
+            validate(load_config(PretrainConfig, config, [data, override]), 1)
+    run = tmp_path / "recog-tiny"  # what `facemae train` exports (the weights are not read here)
+    run.mkdir()
+    (run / "backbone.safetensors").write_bytes(b"")
+    meta = {"backbone": "tiny", "embedding_size": 128, "kwargs": {}}
+    (run / "model.json").write_text(json.dumps(meta))
+    irm = ["irm.weight=1", f"irm.teacher={run / 'backbone.safetensors'}"]
+    with pytest.raises(FacemaeError) as err:
+        validate(load_config(PretrainConfig, config, [data, *irm]), 1)
+    assert "set irm.teacher_arch=tiny irm.teacher_embedding=128" in str(err.value)
+    assert "irm.teacher_embedding=512" in str(err.value) and "\n" not in str(err.value)
+    right = [*irm, "irm.teacher_embedding=128"]
+    with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
+        validate(load_config(PretrainConfig, config, [data, *right]), 1)

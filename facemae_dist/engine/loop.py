@@ -25,6 +25,8 @@ from facemae_dist.data.stream import FaceStream, make_loader
 from facemae_dist.engine import checkpoint
 from facemae_dist.errors import FacemaeError
 
+# the repository root (the folder holding configs/): repository paths in configs resolve against it
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again (or requeue) to continue
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "constant")
@@ -49,7 +51,9 @@ class EngineConfig:
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16 (bf16 is the default on GPUs in the realistic configs)
     grad_accum: int = 1
-    deepspeed_config: str | None = None  # extra DeepSpeed JSON merged over the generated one
+    # extra DeepSpeed JSON merged over the generated one; a relative path is looked up in the
+    # working directory, then in the repository root (e.g. configs/deepspeed/zero2.json)
+    deepspeed_config: str | None = None
 
 
 @dataclass
@@ -133,6 +137,28 @@ def validate_common(cfg: Any) -> None:
         raise FacemaeError(
             f"engine.precision must be fp32 or bf16 (fp16 is not supported), got {engine.precision}"
         )
+    if engine.deepspeed_config:
+        deepspeed_fragment(engine.deepspeed_config)  # missing or not JSON: fail before start-up
+
+
+def deepspeed_fragment(value: str) -> dict[str, Any]:
+    """The DeepSpeed JSON `engine.deepspeed_config` names: the path as given (absolute, or relative
+    to the working directory), else relative to the repository root, where configs/deepspeed/ is."""
+    path = Path(value)
+    found = next((p for p in (path, REPO_ROOT / path) if p.is_file()), None)
+    if found is None:
+        where = "" if path.is_absolute() else f" (looked in {Path.cwd()} and {REPO_ROOT})"
+        raise FacemaeError(
+            f"engine.deepspeed_config {value} not found{where}: name a DeepSpeed JSON such as "
+            "configs/deepspeed/zero2.json, or remove the key"
+        )
+    try:
+        extra = json.loads(found.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FacemaeError(f"engine.deepspeed_config {found} is not valid JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise FacemaeError(f"engine.deepspeed_config {found}: expected a JSON object {{...}}")
+    return extra
 
 
 def micro_batch(data: DataConfig, engine: EngineConfig, world_size: int) -> int:
@@ -236,10 +262,7 @@ def deepspeed_config(
     if optim.grad_clip > 0:
         cfg["gradient_clipping"] = optim.grad_clip
     if engine.deepspeed_config:
-        path = Path(engine.deepspeed_config)
-        if not path.is_file():
-            raise FacemaeError(f"engine.deepspeed_config {path} not found (see configs/deepspeed/)")
-        extra = json.loads(path.read_text())
+        extra = deepspeed_fragment(engine.deepspeed_config)
         extra.pop("train_batch_size", None)  # always derived from the run's batch and world size
         cfg = {
             **cfg,
@@ -296,11 +319,16 @@ class StopFlag:
 
 
 class Logger:
-    """Rank 0: a console line, metrics.jsonl and TensorBoard scalars."""
+    """Rank 0: a console line, metrics.jsonl and TensorBoard scalars.
+
+    img/s is measured over the steps since the previous line (for the first line: since the loop
+    started, see :meth:`begin`), the eta from the average step time since the loop started, so the
+    first line already tells how long the run will take.
+    """
 
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
         self.enabled, self.total = enabled, total_steps
-        self.start, self.start_step = time.perf_counter(), None
+        self.begin(0, 0)
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self.tb = None
         if enabled:
@@ -311,15 +339,19 @@ class Logger:
             except ImportError:
                 self.tb = None
 
+    def begin(self, step: int, samples: int) -> None:
+        """The loop starts (or resumes) at `step` with `samples` seen: the clock starts here."""
+        self.start = self.last = time.perf_counter()
+        self.start_step, self.last_samples = step, samples
+
     def log(self, step: int, samples: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step, self.start_samples = step - 1, samples
-            self.start = time.perf_counter()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = (samples - self.start_samples) / elapsed
-        eta = (self.total - step) * elapsed / max(1, step - self.start_step)
+        now = time.perf_counter()
+        rate = (samples - self.last_samples) / max(now - self.last, 1e-9)
+        per_step = (now - self.start) / max(1, step - self.start_step)
+        eta = max(0, self.total - step) * per_step
+        self.last, self.last_samples = now, samples
         record = {"step": step, "samples": samples, "img_per_s": rate, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -503,6 +535,7 @@ def fit(engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int 
         loop.saved_step = loop.state.step or None  # that checkpoint is on disk already
     else:
         torch.manual_seed(run.seed + loop.info.rank)
+    loop.logger.begin(loop.state.step, loop.state.samples_seen)
     last_batch = None
     try:
         while loop.state.step < loop.total:

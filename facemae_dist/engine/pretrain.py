@@ -30,6 +30,7 @@ from facemae_dist.engine.loop import (
     validate_common,
 )
 from facemae_dist.errors import FacemaeError
+from facemae_dist.losses.irm import _check_options as _check_irm_options
 
 
 @dataclass
@@ -88,22 +89,48 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise FacemaeError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
     micro = micro_batch(cfg.data, cfg.engine, world_size)
-    if cfg.irm.weight > 0:
-        if not cfg.irm.teacher:
+    irm = cfg.irm
+    _check_irm_options(irm.temperature, irm.similarity, irm.direction)
+    if irm.weight > 0:
+        if not irm.teacher:
             raise FacemaeError(
                 "IRM needs a teacher: set irm.teacher to a recognizer's .safetensors "
                 "(train one with `facemae train`), or irm.weight=0 for the MSE-only ablation"
             )
-        if not Path(cfg.irm.teacher).is_file():
+        if not Path(irm.teacher).is_file():
             raise FacemaeError(
-                f"irm.teacher {cfg.irm.teacher} not found: train a recognizer with `facemae train` first"
+                f"irm.teacher {irm.teacher} not found: train a recognizer with `facemae train` first"
             )
+        check_teacher_meta(irm)
     if cfg.irm.teacher_precision not in (None, "fp32", "bf16"):
         raise FacemaeError(
             f"irm.teacher_precision must be fp32, bf16 or null, got {cfg.irm.teacher_precision!r}"
         )
     load_manifest(cfg.data.train)  # clear error if the shards are missing
     return micro
+
+
+def check_teacher_meta(irm: IRMConfig) -> None:
+    """The model.json `facemae train` writes beside its export names the teacher's architecture:
+    irm.teacher_arch and irm.teacher_embedding must agree with it (else loading it fails later)."""
+    meta_file = Path(irm.teacher).parent / "model.json"
+    if not meta_file.is_file():
+        return  # a teacher exported elsewhere: the state dict is checked when it is loaded
+    try:
+        meta = json.loads(meta_file.read_text())
+        arch, size = meta["backbone"], int(meta["embedding_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FacemaeError(
+            f"{meta_file} is not a `facemae train` model.json ({exc!r}): "
+            "pass the .safetensors of a recognizer trained with `facemae train`"
+        ) from None
+    if (arch, size) != (irm.teacher_arch, irm.teacher_embedding):
+        raise FacemaeError(
+            f"irm.teacher {irm.teacher} is a {arch} recognizer with {size}-d embeddings "
+            f"({meta_file}), but irm.teacher_arch={irm.teacher_arch} "
+            f"irm.teacher_embedding={irm.teacher_embedding}: "
+            f"set irm.teacher_arch={arch} irm.teacher_embedding={size}"
+        )
 
 
 def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp32"):
@@ -270,6 +297,13 @@ def parser() -> argparse.ArgumentParser:
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed launcher
     return p
+
+
+def preflight(argv: Sequence[str], world_size: int) -> None:
+    """What `facemae submit` checks before a job waits in the queue: the arguments, the config
+    (file, keys, overrides) and :func:`validate` for `world_size` ranks. No process group."""
+    args = parser().parse_args(argv)
+    validate(load_config(PretrainConfig, args.config, args.overrides), world_size)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -302,6 +302,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def preflight(argv: Sequence[str], world_size: int) -> None:
+    """What `facemae submit` checks before a job waits in the queue: the arguments, the config
+    (file, keys, overrides) and :func:`validate` for `world_size` ranks. No process group."""
+    args = parser().parse_args(argv)
+    validate(load_config(RecogConfig, args.config, args.overrides), world_size)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     return run_recognition(load_config(RecogConfig, args.config, args.overrides))
