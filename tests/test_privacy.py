@@ -231,3 +231,40 @@ def test_command_line_writes_the_report(splits, tiny, tmp_path, capsys):
     assert "source@1" in capsys.readouterr().out
     assert cli_main(["audit", *argv[:2], "--model", str(tmp_path / "none.safetensors")]) == 2
     assert "no recognizer export" in capsys.readouterr().err
+
+
+def test_one_name_in_two_gallery_splits_warns_once(splits, tiny):
+    """`other` reuses the names of train and unseen: matched by name, counted as one person."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        audit(splits["released"], [splits["unseen"], splits["other"]], tiny)
+    shared = [w for w in caught if "more than one gallery split" in str(w.message)]
+    assert len(shared) == 1 and "counted as one person" in str(shared[0].message)
+    assert str(splits["unseen"]) in str(shared[0].message) and "2 identity names" in str(
+        shared[0].message
+    )
+    assert shared[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distinct names in unseen and train: no warning
+        audit(splits["released"], [splits["unseen"], splits["train"]], tiny)
+
+
+def test_bad_device_and_facemae_export_are_one_line_errors(splits, tiny, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FacemaeError, match="'foo' is not a device"):
+        audit(splits["train"], splits["train"], tiny, device="foo")
+    mae = tmp_path / "mae"
+    mae.mkdir()
+    save_file({"w": torch.zeros(2)}, mae / "facemae.safetensors")
+    (mae / "model.json").write_text(json.dumps({"name": "facemae_vit_micro", "kwargs": {}}))
+    with pytest.raises(FacemaeError, match="FaceMAE export .*`facemae train`"):
+        audit(splits["train"], splits["train"], mae / "facemae.safetensors", device="cpu")
+    with pytest.raises(FacemaeError, match="FaceMAE run .*`facemae train`"):
+        audit(splits["train"], splits["train"], mae, device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FacemaeError, match="no CUDA GPU .*--device cpu"):
+        audit(splits["train"], splits["train"], tiny, device="cuda")
+    argv = ["audit", str(splits["train"]), str(splits["train"]), "--no-progress"]
+    assert cli_main([*argv, "--model", str(mae / "facemae.safetensors")]) == 2
+    assert cli_main([*argv, "--model", str(export(tiny, tmp_path / "r")), "--device", "cuda"]) == 2

@@ -31,7 +31,7 @@ def unseen(tmp_path_factory) -> Path:
 
 
 def opts(**kw) -> ReconstructOptions:
-    return ReconstructOptions(progress=False, batch_size=7, **kw)
+    return ReconstructOptions(**{"progress": False, "batch_size": 7, **kw})
 
 
 def test_masked_release_keeps_labels_and_blanks_the_mask(unseen, tmp_path):
@@ -93,3 +93,98 @@ def test_masks_differ_across_batches_and_copies_are_not_neighbours(unseen, tmp_p
 
     masks = [grey_patches(s) for s in first if json.loads(s["json"])["copy"] == 0]
     assert len(masks) == 10 and len(set(masks)) == 10  # row i of batch 2 ≠ row i of batch 1
+
+
+def tar_hashes(split: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(split.glob("*"))}
+
+
+def test_a_folder_holds_one_release_and_resumes_only_that_one(unseen, tmp_path):
+    out = str(tmp_path / "rel")
+    first = reconstruct_split(str(unseen), out, opts(method="blur"))
+    for other in (opts(method="noise"), opts(method="blur", blur_sigma=4.0)):
+        with pytest.raises(FacemaeError, match="other options.*choose another output folder"):
+            reconstruct_split(str(unseen), out, other)
+    with pytest.raises(FacemaeError, match="another input.*input differs"):
+        reconstruct_split(str(unseen.parent / "train"), out, opts(method="blur"))
+    assert load_manifest(out)["shards"] == first["shards"]  # nothing was overwritten
+    (tmp_path / "rel/faces-000001.tar").unlink()  # as a killed run left it
+    (tmp_path / "rel/manifest.json").unlink()
+    again = reconstruct_split(str(unseen), out, opts(method="blur", noise_std=0.5))  # unused
+    assert again["shards"] == first["shards"]  # the same release, resumed
+
+    legacy = tmp_path / "legacy"  # shards with no record of their options (older release, a split)
+    legacy.mkdir()
+    (legacy / "manifest.json").write_text("{}")
+    with pytest.raises(FacemaeError, match="no record .*choose another output folder"):
+        reconstruct_split(str(unseen), str(legacy), opts(method="blur"))
+
+
+def test_output_must_not_overlap_the_input(unseen):
+    before = tar_hashes(unseen)
+    for out in (unseen, unseen / "released", unseen.parent):
+        with pytest.raises(FacemaeError, match="input split .*choose an output folder outside"):
+            reconstruct_split(str(unseen), str(out), opts(method="blur"))
+    assert tar_hashes(unseen) == before and not (unseen / "released").exists()
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"blur_sigma": 0.0}, "--blur-sigma must be > 0"),
+        ({"blur_sigma": -2.0}, "--blur-sigma must be > 0"),
+        ({"noise_std": 0.0}, "--noise-std must be > 0"),
+        ({"jpeg_quality": 0}, "--jpeg-quality must be in 1..100"),
+        ({"jpeg_quality": 101}, "--jpeg-quality must be in 1..100"),
+        ({"copies": 0}, "--copies must be ≥ 1"),
+        ({"batch_size": 0}, "--batch-size must be ≥ 1"),
+        ({"mask_ratio": float("nan")}, "--mask-ratio must be in"),
+    ],
+)
+def test_bad_options_are_named(unseen, tmp_path, kw, match):
+    with pytest.raises(FacemaeError, match=match):
+        reconstruct_split(str(unseen), str(tmp_path / "x"), opts(method="blur", **kw))
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_folders_that_are_no_facemae_export(unseen, tmp_path, capsys):
+    from facemae_dist.cli import main as cli_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.json").write_text(
+        json.dumps({"name": "facemae_vit_micro_patch16_112", "kwargs": {}})
+    )
+    cases = {"no facemae.safetensors": run}
+    recog = tmp_path / "recog"
+    recog.mkdir()
+    (recog / "model.json").write_text(json.dumps({"backbone": "tiny", "embedding_size": 8}))
+    (recog / "backbone.safetensors").write_bytes(b"x")
+    cases["a recognizer export"] = recog
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text((run / "model.json").read_text())
+    (broken / "facemae.safetensors").write_bytes(b"not safetensors")
+    cases["cannot load the FaceMAE weights"] = broken
+    for match, model in cases.items():
+        with pytest.raises(FacemaeError, match=match):
+            reconstruct_split(str(unseen), str(tmp_path / "x"), opts(model=str(model)))
+    assert not (tmp_path / "x").exists()
+    argv = ["reconstruct", str(unseen), str(tmp_path / "x"), "--model", str(broken)]
+    assert cli_main(argv) == 2
+    assert cli_main(["reconstruct", str(unseen), str(tmp_path / "x"), "--blur-sigma", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("facemae reconstruct: error: --") for line in err)
+
+
+def test_a_blur_wider_than_the_face_is_cut_to_it():
+    import torch
+
+    from facemae_dist.engine.reconstruct import Releaser
+
+    released = Releaser(opts(method="blur", blur_sigma=50.0), torch.device("cpu"))(
+        torch.rand(1, 3, 32, 32) * 2 - 1, torch.Generator()
+    )
+    assert released.shape == (1, 3, 32, 32) and released.std() < 0.1

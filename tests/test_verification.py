@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.sources import PairSet, load_pair_set, write_pair_set
@@ -18,7 +20,9 @@ from facemae_dist.eval.verification import (
     embed_pairs,
     evaluate,
     fold_bounds,
+    load_recognizer_export,
     make_pairs,
+    resolve_device,
     verify_pair_set,
 )
 from facemae_dist.models.backbones import build_backbone
@@ -216,3 +220,27 @@ def test_make_pairs_rejects_bad_requests(sharded_split, tmp_path) -> None:
         make_pairs(str(sharded_split), str(tmp_path / "p.bin"), num_pairs=30, seed=0)
     with pytest.raises(FacemaeError, match="no shard manifest"):
         make_pairs(str(tmp_path / "nowhere"), str(tmp_path / "p.bin"), num_pairs=20, seed=0)
+
+
+def test_devices_are_checked(tiny_model, monkeypatch) -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(FacemaeError, match="'foo' is not a device"):
+        embed_pairs(tiny_model, torch.zeros(2, 3, 112, 112, dtype=torch.uint8), device="foo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(FacemaeError, match="--device cuda:1: no CUDA GPU"):
+        resolve_device("cuda:1")
+    with pytest.raises(FacemaeError, match="--device meta: use cpu, cuda"):
+        resolve_device("meta")
+
+
+def test_recognizer_export_checks(tiny_model, tmp_path) -> None:
+    save_file(tiny_model.state_dict(), tmp_path / "backbone.safetensors")
+    (tmp_path / "model.json").write_text(json.dumps({"name": "facemae_vit", "kwargs": {}}))
+    with pytest.raises(FacemaeError, match="a FaceMAE export .*`facemae train`"):
+        load_recognizer_export(tmp_path / "backbone.safetensors")
+    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "embedding_size": 32}))
+    with pytest.raises(FacemaeError, match="cannot load the recognizer .*`facemae train`"):
+        load_recognizer_export(tmp_path)  # weights of another embedding size
+    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "embedding_size": 64}))
+    assert not load_recognizer_export(tmp_path).training

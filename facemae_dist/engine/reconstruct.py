@@ -12,6 +12,7 @@ Masks are seeded by (seed, shard, copy), so the output does not depend on the nu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
 import json
@@ -26,7 +27,13 @@ import torch
 from PIL import Image
 
 from facemae_dist import dist
-from facemae_dist.data.shards import FORMAT_VERSION, load_manifest, save_manifest, verified_shards
+from facemae_dist.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    load_manifest,
+    save_manifest,
+    verified_shards,
+)
 from facemae_dist.data.stream import decode_face, normalize, read_shard
 from facemae_dist.data.tario import HashingTarWriter
 from facemae_dist.errors import FacemaeError
@@ -63,7 +70,51 @@ class ReconstructOptions:
         if not 0.0 < self.mask_ratio < 1.0:
             raise FacemaeError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.copies < 1:
-            raise FacemaeError("--copies must be ≥ 1")
+            raise FacemaeError(f"--copies must be ≥ 1, got {self.copies}")
+        if not self.blur_sigma > 0:
+            raise FacemaeError(f"--blur-sigma must be > 0 pixels, got {self.blur_sigma}")
+        if not self.noise_std > 0:
+            raise FacemaeError(f"--noise-std must be > 0, got {self.noise_std}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise FacemaeError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.batch_size < 1:
+            raise FacemaeError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.patch_size < 1:
+            raise FacemaeError(f"patch_size must be ≥ 1, got {self.patch_size}")
+        if self.method == "facemae":
+            _model_files(self.model)
+
+
+def _model_files(model: str | os.PathLike) -> tuple[Path, Path]:
+    """(model.json, facemae.safetensors) of a FaceMAE run folder, or a FacemaeError naming the fix."""
+    run = Path(model)
+    if run.is_file() and run.suffix == ".safetensors":
+        run = run.parent  # the weights file itself: its folder is the run
+    fix = "pass the folder of a finished `facemae pretrain` run (model.json + facemae.safetensors)"
+    meta, weights = run / "model.json", run / "facemae.safetensors"
+    if not run.is_dir():
+        raise FacemaeError(f"--model {model}: no such folder; {fix}")
+    if not meta.is_file():
+        raise FacemaeError(f"--model {model}: no model.json here; {fix}")
+    try:
+        info = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FacemaeError(
+            f"--model {model}: model.json is not valid JSON ({exc}); {fix}"
+        ) from None
+    if not isinstance(info, dict) or "name" not in info or "kwargs" not in info:
+        what = (
+            "a recognizer export from `facemae train`, not a FaceMAE"
+            if isinstance(info, dict) and "backbone" in info
+            else "not a FaceMAE export"
+        )
+        raise FacemaeError(f"--model {model}: its model.json describes {what}; {fix}")
+    if not weights.is_file():
+        raise FacemaeError(
+            f"--model {model}: model.json but no facemae.safetensors (the run did not finish, or "
+            f"the weights were not copied with it); {fix}"
+        )
+    return meta, weights
 
 
 class Releaser:
@@ -73,9 +124,19 @@ class Releaser:
         self.opts, self.device = opts, device
         self.model = None
         if opts.method == "facemae":
+            from safetensors import SafetensorError
+
             from facemae_dist.engine.pretrain import load_facemae
 
-            self.model = load_facemae(opts.model).to(device)
+            meta, _ = _model_files(opts.model)
+            try:
+                self.model = load_facemae(meta.parent).to(device)
+            except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise FacemaeError(
+                    f"--model {opts.model}: cannot load the FaceMAE weights "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); pass the folder of a finished "
+                    "`facemae pretrain` run, exported by this version of the toolkit"
+                ) from None
         self.patch = self.model.patch_size if self.model is not None else opts.patch_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -87,7 +148,8 @@ class Releaser:
         if o.method == "blur":
             from torchvision.transforms.functional import gaussian_blur
 
-            kernel = 2 * int(3 * o.blur_sigma) + 1
+            # 3 sigma each side, but no wider than the image allows (reflect padding < its size)
+            kernel = min(2 * int(3 * o.blur_sigma) + 1, 2 * min(images.shape[-2:]) - 1)
             return gaussian_blur(images, [kernel, kernel], [o.blur_sigma, o.blur_sigma])
         if o.method == "noise":
             noise = torch.randn(images.shape, generator=generator, device=generator.device)
@@ -178,21 +240,120 @@ def _sample_files(
 
 def _done_entries(out: Path) -> dict[int, dict]:
     """Shards finished by any rank of an earlier attempt, verified against their journals."""
-    return verified_shards(out, ".journal-rank*.jsonl")
+    return verified_shards(out, _JOURNALS)
+
+
+_JOURNALS = ".journal-rank*.jsonl"
+#: the fingerprint of the run writing an output folder, saved before any shard is written
+PLAN = ".reconstruct-plan.json"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(src: dict, opts: ReconstructOptions) -> dict[str, Any]:
+    """Everything the released shards depend on: the input split's content (its shards' sha256s
+    and label map), the method and the options that method reads, and for FaceMAE the model's
+    identity (folder, model.json, size and mtime of the weights). Equal fingerprints, equal shards."""
+    shards = [[s["file"], s.get("sha256"), s.get("samples")] for s in src["shards"]]
+    fp: dict[str, Any] = {
+        "input": _digest({"shards": shards, "label_map": src["label_map"]}),
+        "method": opts.method,
+        "mask_ratio": opts.mask_ratio,  # also written in every sample's metadata
+        "copies": opts.copies,
+        "jpeg_quality": opts.jpeg_quality,
+        "batch_size": opts.batch_size,
+    }
+    if opts.method in ("noise", "masked", "facemae"):
+        fp["seed"] = opts.seed
+    if opts.method == "blur":
+        fp["blur_sigma"] = opts.blur_sigma
+    elif opts.method == "noise":
+        fp["noise_std"] = opts.noise_std
+    elif opts.method == "masked":
+        fp["patch_size"] = opts.patch_size
+    elif opts.method == "facemae":
+        meta, weights = _model_files(opts.model)
+        stat = weights.stat()
+        fp.update(
+            paste_visible=opts.paste_visible,
+            model=str(meta.parent.resolve()),
+            model_json=hashlib.sha256(meta.read_bytes()).hexdigest(),
+            weights_bytes=stat.st_size,
+            weights_mtime_ns=stat.st_mtime_ns,
+        )
+    return fp
+
+
+def _check_paths(input_split: str, out: Path) -> None:
+    """Refuse an output folder that is, lies inside, or holds the input split."""
+    given = Path(input_split)
+    inp = (given if given.is_dir() else given.parent).resolve()
+    dst = out.resolve()
+    if inp == dst or dst.is_relative_to(inp) or inp.is_relative_to(dst):
+        where = "is" if inp == dst else "lies inside" if dst.is_relative_to(inp) else "contains"
+        raise FacemaeError(
+            f"output folder {out} {where} the input split {input_split}: the release would "
+            "overwrite or mix with the original shards; choose an output folder outside it, "
+            "e.g. released/<method>"
+        )
+
+
+def _claim_output(out: Path, input_split: str, fp: dict[str, Any], rank: int) -> None:
+    """Record this run's fingerprint in `out`, or refuse when `out` holds shards of another
+    release (other input or options) or shards no release recorded. The same run again (a killed
+    job rerun) matches and resumes. Ranks write identical plans, each atomically."""
+    # look for released files BEFORE reading the plan: a rank writes its plan before any shard,
+    # so when another rank's shards are seen here, that rank's plan is seen below
+    released = any(out.glob(_JOURNALS)) or (out / MANIFEST).exists() or any(out.glob("*.tar"))
+    plan_file = out / PLAN
+    fix = f"choose another output folder, or delete {out} to release into it again"
+    if plan_file.is_file():
+        try:
+            old = json.loads(plan_file.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            old = None
+        if released and old != fp:
+            old = old if isinstance(old, dict) else {}
+            diff = [
+                f"{k} {old.get(k, '-')!r} → {fp.get(k, '-')!r}"
+                if k not in ("input", "model_json")
+                else f"{k} differs"
+                for k in sorted(set(old) | set(fp))
+                if old.get(k) != fp.get(k)
+            ]
+            raise FacemaeError(
+                f"{out} holds a release made with other options or from another input "
+                f"({'; '.join(diff[:6])}): {fix}"
+            )
+    elif released:
+        raise FacemaeError(
+            f"{out} already holds shards or a manifest, but no record of the `facemae "
+            f"reconstruct` run that wrote them (another split, or an older release): {fix}"
+        )
+    tmp = out / f"{PLAN}.tmp-rank{rank:05d}"
+    tmp.write_text(json.dumps({"fingerprint": fp, "input": str(input_split)}, indent=1))
+    os.replace(tmp, plan_file)
 
 
 def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOptions) -> dict | None:
-    """Release every face of `input_split` into `output_split`; returns the manifest on rank 0."""
+    """Release every face of `input_split` into `output_split`; returns the manifest on rank 0.
+
+    An output folder belongs to one release (see :func:`fingerprint`): running the same command
+    again resumes it; another input or other options there are refused."""
     opts.validate()
     src = load_manifest(input_split)
+    out = Path(output_split)
+    _check_paths(input_split, out)
+    fp = fingerprint(src, opts)
     info = dist.detect()
     if info.world_size > 1:
         dist.init(use_deepspeed=False)
-    out = Path(output_split)
+    releaser = Releaser(opts, dist.device(info))  # a model that does not load: fail before writing
     out.mkdir(parents=True, exist_ok=True)
+    _claim_output(out, input_split, fp, info.rank)
     done = _done_entries(out)
-    device = dist.device(info)
-    releaser = Releaser(opts, device)
     mine = [
         i for i in range(len(src["urls"])) if i % info.world_size == info.rank and i not in done
     ]

@@ -49,7 +49,7 @@ from torch import nn
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.stream import FaceStream, make_loader
 from facemae_dist.errors import FacemaeError
-from facemae_dist.eval.verification import embed_pairs
+from facemae_dist.eval.verification import embed_pairs, load_recognizer_export, resolve_device
 
 __all__ = ["audit", "embed_split", "main", "nearest", "retrieval"]
 
@@ -140,9 +140,7 @@ def embed_split(
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(device)
 
 
 def nearest(
@@ -245,6 +243,30 @@ def retrieval(
 # ---------------------------------------------------------------------------------------- audit
 
 
+def _warn_shared_names(per_split: dict[str, set[str]]) -> None:
+    """Warn (once) when one identity name is in several gallery splits: matched by name, their
+    faces count as one person, which is right for more faces of the same people and wrong for
+    unrelated sets that happen to reuse names (e.g. synthetic sets of different seeds)."""
+    seen: dict[str, str] = {}
+    shared: dict[str, list[str]] = {}
+    for split, names in per_split.items():
+        for name in sorted(names):
+            if name in seen:
+                shared.setdefault(name, [seen[name]]).append(split)
+            else:
+                seen[name] = split
+    if not shared:
+        return
+    sources = sorted({s for splits in shared.values() for s in splits})
+    examples = ", ".join(repr(n) for n in sorted(shared)[:3])
+    warnings.warn(
+        f"{len(shared)} identity names (e.g. {examples}) appear in more than one gallery split "
+        f"({', '.join(sources)}): matched by name, they are counted as one person each. If "
+        "these splits hold different people, give them distinct identity names",
+        stacklevel=4,  # the caller of audit()
+    )
+
+
 def _check_splits(released: list[str], gallery: list[str], strict: bool) -> list[str]:
     """Fail early on missing splits and unmatched identities; the released names not in the
     gallery (from the manifests' label maps)."""
@@ -253,7 +275,9 @@ def _check_splits(released: list[str], gallery: list[str], strict: bool) -> list
             if not Path(split).exists():
                 raise FacemaeError(f"{role} split {split} not found: pass a shard split folder")
     names = {n for s in released for n in load_manifest(s)["label_map"]}
-    known = {n for s in gallery for n in load_manifest(s)["label_map"]}
+    per_split = {s: set(load_manifest(s)["label_map"]) for s in dict.fromkeys(gallery)}
+    _warn_shared_names(per_split)
+    known = set().union(*per_split.values())
     missing = sorted(names - known)
     if missing and (strict or len(missing) == len(names)):
         raise FacemaeError(
@@ -268,12 +292,10 @@ def _prepare_model(model: nn.Module | str | os.PathLike, device: str | torch.dev
     """(model in eval mode, device): a path is loaded with load_recognizer and moved to device."""
     if isinstance(model, nn.Module):
         param = next(model.parameters(), None)
-        dev = torch.device(device) if device is not None else None
+        dev = resolve_device(device) if device is not None else None
         return model.eval(), dev or (param.device if param is not None else torch.device("cpu"))
-    from facemae_dist.engine.recognize import load_recognizer
-
     dev = _default_device(device)
-    return load_recognizer(model).to(dev).eval(), dev
+    return load_recognizer_export(model).to(dev).eval(), dev
 
 
 def audit(

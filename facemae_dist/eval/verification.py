@@ -26,10 +26,12 @@ O(folds x thresholds) memory, so million-pair sets cost no more than LFW.
 
 from __future__ import annotations
 
+import json
 import os
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,9 @@ __all__ = [
     "embed_pairs",
     "evaluate",
     "fold_bounds",
+    "load_recognizer_export",
     "make_pairs",
+    "resolve_device",
     "verify_pair_set",
 ]
 
@@ -195,6 +199,77 @@ def _decode_batch(images: Sequence[bytes], start: int, image_size: int) -> torch
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+def resolve_device(device: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """A usable torch device: None = cuda when available, else cpu. An unknown name, or a GPU
+    this machine does not have, is a FacemaeError naming ``flag`` and the fix."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise FacemaeError(
+            f"{flag} {device!r} is not a device: use cpu, cuda or cuda:N (or leave {flag} out)"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FacemaeError(
+                f"{flag} {device}: no CUDA GPU is usable on this machine; use {flag} cpu "
+                f"(or leave {flag} out)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise FacemaeError(
+                f"{flag} {device}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise FacemaeError(f"{flag} {device}: MPS is not available here; use {flag} cpu")
+    elif dev.type != "cpu":
+        raise FacemaeError(f"{flag} {device}: use cpu, cuda or cuda:N (or leave {flag} out)")
+    return dev
+
+
+def load_recognizer_export(path: str | os.PathLike, flag: str = "--model") -> nn.Module:
+    """:func:`facemae_dist.engine.recognize.load_recognizer` with a FacemaeError naming the fix
+    for what is not a recognizer export (a FaceMAE export, a bad model.json, weights that do not
+    fit it)."""
+    from safetensors import SafetensorError
+
+    from facemae_dist.engine.recognize import load_recognizer
+
+    fix = "pass the backbone.safetensors (or its folder) written by `facemae train`"
+    weights = Path(path)
+    if weights.is_dir():
+        if not (weights / "backbone.safetensors").is_file() and any(weights.glob("facemae*")):
+            raise FacemaeError(
+                f"{flag} {path}: this is a FaceMAE run (from `facemae pretrain`), not a "
+                f"recognizer; {fix}"
+            )
+        weights = weights / "backbone.safetensors"
+    meta_file = weights.parent / "model.json"
+    if meta_file.is_file() and weights.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FacemaeError(
+                f"{flag} {path}: {meta_file} is not valid JSON ({exc}); {fix}"
+            ) from None
+        if not isinstance(meta, dict) or "backbone" not in meta or "embedding_size" not in meta:
+            what = (
+                "a FaceMAE export (from `facemae pretrain`), not a recognizer"
+                if isinstance(meta, dict) and "name" in meta
+                else "no recognizer export"
+            )
+            raise FacemaeError(f"{flag} {path}: this is {what}; {fix}")
+    try:
+        return load_recognizer(path)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise FacemaeError(
+            f"{flag} {path}: cannot load the recognizer ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); {fix}"
+        ) from None
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -227,7 +302,7 @@ def embed_pairs(
     """
     if batch_size < 1:
         raise FacemaeError(f"batch_size must be positive, got {batch_size}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
     out = []
