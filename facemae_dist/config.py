@@ -126,6 +126,16 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     return cls(**kwargs)
 
 
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """The JSON in `path` (an export's model.json, a plan), or a FacemaeError naming `what` and `fix`."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FacemaeError(f"{what}: {path} is not valid JSON ({exc}); {fix}") from None
+
+
 def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
     return from_dict(cls, apply_overrides(load_yaml(path), overrides))
 

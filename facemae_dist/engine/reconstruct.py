@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from facemae_dist import dist
+from facemae_dist.config import read_json
 from facemae_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -96,12 +97,7 @@ def _model_files(model: str | os.PathLike) -> tuple[Path, Path]:
         raise FacemaeError(f"--model {model}: no such folder; {fix}")
     if not meta.is_file():
         raise FacemaeError(f"--model {model}: no model.json here; {fix}")
-    try:
-        info = json.loads(meta.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FacemaeError(
-            f"--model {model}: model.json is not valid JSON ({exc}); {fix}"
-        ) from None
+    info = read_json(meta, f"--model {model}", fix)
     if not isinstance(info, dict) or "name" not in info or "kwargs" not in info:
         what = (
             "a recognizer export from `facemae train`, not a FaceMAE"

@@ -26,7 +26,6 @@ O(folds x thresholds) memory, so million-pair sets cost no more than LFW.
 
 from __future__ import annotations
 
-import json
 import os
 from array import array
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from facemae_dist.config import read_json
 from facemae_dist.errors import FacemaeError
 
 __all__ = [
@@ -248,12 +248,7 @@ def load_recognizer_export(path: str | os.PathLike, flag: str = "--model") -> nn
         weights = weights / "backbone.safetensors"
     meta_file = weights.parent / "model.json"
     if meta_file.is_file() and weights.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FacemaeError(
-                f"{flag} {path}: {meta_file} is not valid JSON ({exc}); {fix}"
-            ) from None
+        meta = read_json(meta_file, f"{flag} {path}", fix)
         if not isinstance(meta, dict) or "backbone" not in meta or "embedding_size" not in meta:
             what = (
                 "a FaceMAE export (from `facemae pretrain`), not a recognizer"
