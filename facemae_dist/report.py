@@ -51,7 +51,7 @@ _COLUMNS = [
 
 
 def _cells(row: dict) -> list[str]:
-    return [fmt.format(row[key]) if key in row else "—" for key, _, fmt in _COLUMNS]
+    return [fmt.format(row[key]) if row.get(key) is not None else "—" for key, _, fmt in _COLUMNS]
 
 
 def demo_table_markdown(rows: list[dict]) -> str:

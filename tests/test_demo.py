@@ -65,3 +65,18 @@ def test_sweep_without_a_finished_demo_names_the_fix(tmp_path):
     )  # a run cut short: no auditor, no MAE
     with pytest.raises(FacemaeError, match="holds no finished demo: run `facemae demo --out"):
         run_sweep(str(tmp_path), [0.5])
+
+
+def test_report_table_shows_missing_values_as_a_dash():
+    from facemae_dist.report import demo_table_markdown
+
+    # audits without source queries report leak_source_top1 = None (eval/privacy.py)
+    row = {
+        "method": "blur",
+        "acc": 0.75,
+        "acc_std": 0.03,
+        "leak_top1": 0.2,
+        "leak_source_top1": None,
+    }
+    table = demo_table_markdown([row])
+    assert "0.200" in table.splitlines()[-1] and "—" in table.splitlines()[-1]

@@ -148,12 +148,15 @@ def test_similarity_options() -> None:
     )
 
 
-def test_batch_of_one_is_zero_and_backward_works() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batches_without_relations_are_zero_and_backward_works(batch: int) -> None:
+    """Self-pairs excluded, a row of 2 faces holds one logit: its softmax is 1 whatever the faces."""
     irm = IRMLoss(teacher())
-    rec = faces(1).requires_grad_(True)
-    loss = irm(faces(1), rec)
+    rec = faces(batch).requires_grad_(True)
+    loss = irm(faces(batch), rec)
     assert loss.item() == 0.0
     loss.backward()
+    assert relation_kl(torch.randn(3, 8), torch.randn(3, 8)).item() > 0  # 3 faces relate
 
 
 def test_invalid_options() -> None:
@@ -289,3 +292,26 @@ def test_pretrain_checks_irm_options_and_the_teacher_architecture_before_start(t
     right = [*irm, "irm.teacher_embedding=128"]
     with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
         validate(load_config(PretrainConfig, config, [data, *right]), 1)
+    with pytest.raises(FacemaeError, match="each rank gets 2 .* IRM is always 0"):
+        validate(load_config(PretrainConfig, config, [data, *right]), 8)  # 16 faces / 8 ranks
+
+
+def test_folding_skips_batch_statistics_and_handles_plain_batchnorm() -> None:
+    from facemae_dist.losses.irm import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False),  # no scale/shift: folds as 1 and 0
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),  # batch stats: kept
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.BatchNorm1d(5, affine=False),
+    )  # fmt: skip
+    net.train()
+    for _ in range(3):
+        net(torch.randn(6, 3, 8, 8))  # running statistics that are not 0/1
+    net.eval()
+    x = torch.randn(6, 3, 8, 8)
+    before = net(x)
+    fold_batchnorm(net)
+    assert isinstance(net[1], nn.Identity) and isinstance(net[6], nn.Identity)
+    assert isinstance(net[3], nn.BatchNorm2d)
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,14 @@ def test_masks_reproducible_from_generator_seed() -> None:
     assert torch.equal(mask, a.mask)
 
 
+def test_a_mask_ratio_that_leaves_no_patch_is_named() -> None:
+    model = FaceMAE(embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1,
+                    decoder_heads=2, patch_size=16)  # fmt: skip
+    with pytest.raises(FacemaeError, match="leaves no visible patch of 49: use at most 0.9796"):
+        model(torch.randn(2, 3, 112, 112), 0.99)
+    assert model(torch.randn(2, 3, 112, 112), 0.979).loss.isfinite()  # one patch visible
+
+
 def test_invalid_mask_ratio() -> None:
     with pytest.raises(FacemaeError, match="mask_ratio"):
         random_masking(2, 49, 1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from facemae_dist.errors import FacemaeError
 from facemae_dist.losses.partial_fc import (
     PartialFC,
     PartialFCOptimizer,
+    _margin_target,
     resolve_margin,
     shard_range,
 )
@@ -29,7 +32,9 @@ def reference_loss(
     cos = F.linear(F.normalize(emb.float()), F.normalize(weight)).clamp(-1, 1)
     target = cos.gather(1, labels[:, None]).squeeze(1)
     theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
-    margin_target = torch.cos(m1 * theta + m2) - m3
+    angle = m1 * theta + m2
+    fallback = target - math.cos((math.pi - m2) / m1) - 1.0  # linear continuation past pi
+    margin_target = torch.where(angle > math.pi, fallback, torch.cos(angle)) - m3
     logits = cos.scatter(1, labels[:, None], margin_target[:, None]) * scale
     return F.cross_entropy(logits, labels)
 
@@ -52,6 +57,19 @@ def test_shards_tile_the_classes(classes: int, world: int) -> None:
             assert start == ranges[r - 1][1]
     head = PartialFC(4, classes, rank=world - 1, world_size=world)
     assert head.class_range == ranges[-1] and head.weight.shape == (head.num_local, 4)
+
+
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (1.2, 0.3, 0.0)])
+def test_margin_target_never_pushes_a_sample_from_its_centre(margins) -> None:
+    """Past m1*theta + m2 = pi the true derivative of cos(.) changes sign; the target continues so
+    that raising the cosine to the own centre always raises the target logit."""
+    cos = torch.cos(torch.linspace(0.01, math.pi - 0.01, 2000, dtype=torch.float64))
+    target, grad = _margin_target(cos, margins)
+    assert (grad >= 0).all()
+    assert (target.diff() <= 1e-12).all()  # cos falls along the grid: so must the target
+    hard = torch.tensor([math.cos(math.radians(170.0))], dtype=torch.float64)
+    value, slope = _margin_target(hard, (1.0, 0.5, 0.0))
+    assert slope.item() == 1.0 and value.item() == pytest.approx(hard.item() + math.cos(0.5) - 1)
 
 
 def test_margin_presets() -> None:

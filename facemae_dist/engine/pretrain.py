@@ -30,6 +30,7 @@ from facemae_dist.engine.loop import (
     validate_common,
 )
 from facemae_dist.errors import FacemaeError
+from facemae_dist.losses.irm import MIN_IRM_BATCH
 from facemae_dist.losses.irm import _check_options as _check_irm_options
 
 
@@ -102,6 +103,12 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
                 f"irm.teacher {irm.teacher} not found: train a recognizer with `facemae train` first"
             )
         check_teacher_meta(irm)
+        if micro < MIN_IRM_BATCH:
+            raise FacemaeError(
+                f"IRM relates the faces of a micro-batch, but each rank gets {micro} "
+                f"(data.global_batch / ranks / engine.grad_accum): with fewer than {MIN_IRM_BATCH} "
+                "IRM is always 0; raise data.global_batch or lower engine.grad_accum"
+            )
     if cfg.irm.teacher_precision not in (None, "fp32", "bf16"):
         raise FacemaeError(
             f"irm.teacher_precision must be fp32, bf16 or null, got {cfg.irm.teacher_precision!r}"

@@ -58,6 +58,8 @@ _NO_TEACHER = (
     "irm.teacher"
 )
 
+MIN_IRM_BATCH = 3  # faces per micro-batch for a relation graph (self-pairs excluded)
+
 
 def _check_options(temperature: float, similarity: str, direction: str) -> None:
     if not temperature > 0:
@@ -94,12 +96,14 @@ def relation_kl(
 ) -> Tensor:
     """IRM on embeddings ``(B, D)``: divergence between the rows of the two relation graphs.
 
-    ``emb_orig`` is the target and is detached. Returns a scalar; 0 when ``B < 2``.
+    ``emb_orig`` is the target and is detached. Returns a scalar; 0 when ``B < 3`` (with self-pairs
+    excluded a row needs two others to form a distribution: with one its softmax is 1 whatever the
+    embeddings).
     """
     _check_options(temperature, similarity, direction)
     if emb_orig.shape[0] != emb_recon.shape[0]:
         raise ValueError(f"batch sizes differ: {emb_orig.shape[0]} vs {emb_recon.shape[0]}")
-    if emb_recon.shape[0] < 2:
+    if emb_recon.shape[0] < MIN_IRM_BATCH:
         return emb_recon.sum() * 0.0
     log_p = F.log_softmax(relation_logits(emb_orig.detach(), temperature, similarity), dim=1)
     log_q = F.log_softmax(relation_logits(emb_recon, temperature, similarity), dim=1)
@@ -133,6 +137,10 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         names = list(seq._modules)
         for first, second in zip(names, names[1:], strict=False):
             layer, bn = seq._modules[first], seq._modules[second]
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+                continue  # no running statistics: it normalises by each batch, even in eval
+            if not bn.affine:  # the fusers expect a scale and shift: the identity ones
+                bn = _with_unit_affine(bn)
             if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 fused = fuse_conv_bn_eval(layer, bn)
             elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
@@ -141,6 +149,14 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
                 continue
             seq._modules[first], seq._modules[second] = fused.requires_grad_(False), nn.Identity()
     return module
+
+
+def _with_unit_affine(bn: nn.Module) -> nn.Module:
+    """A copy of a BatchNorm without affine parameters, with weight 1 and bias 0 (same output)."""
+    copy = type(bn)(bn.num_features, bn.eps, bn.momentum, affine=True).eval()
+    copy.load_state_dict({**bn.state_dict(), "weight": torch.ones(bn.num_features),
+                          "bias": torch.zeros(bn.num_features)})  # fmt: skip
+    return copy.to(bn.running_mean.device)
 
 
 class IRMLoss(nn.Module):

@@ -20,7 +20,9 @@ What differs from arcface_torch, and why:
 * Math is fp32 whatever the embedding dtype (bf16 embeddings get a bf16 gradient back).
 * The margin's gradient is the true derivative of cos(m1*theta + m2) - m3; arcface_torch's
   CombinedMarginLoss applies the ArcFace margin under no_grad (gradient 1 through arccos/cos).
-  Like it, no "theta + m > pi" fallback is applied.
+  Where m1*theta + m2 passes pi that derivative changes sign and would push the hardest samples away
+  from their own centre, so there the target continues linearly with gradient 1 from its value at
+  the turning point (-1 - m3), like insightface ArcFace's cos(theta) - m*sin(m) but continuous.
 
 Sparse-update semantics (documented choice): rows that are not sampled in a step are left exactly as
 they are, weight and optimizer state alike (no weight decay, no momentum decay, no momentum-driven
@@ -108,7 +110,11 @@ def _margin_target(cos: torch.Tensor, margins: tuple[float, float, float]):
         return cos - m3, torch.ones_like(cos)
     theta = torch.acos(cos.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
     angle = m1 * theta + m2
-    return torch.cos(angle) - m3, m1 * torch.sin(angle) / torch.sin(theta)
+    past_pi = angle > math.pi  # cos(angle) turns back up there: continue linearly, gradient 1
+    turn = math.cos((math.pi - m2) / m1)  # the cosine where m1*theta + m2 = pi
+    target = torch.where(past_pi, cos - turn - 1.0, torch.cos(angle)) - m3
+    grad = torch.where(past_pi, 1.0, m1 * torch.sin(angle) / torch.sin(theta))
+    return target, grad
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,13 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Patches each sample keeps: ``int(L * (1 - mask_ratio))``."""
     if not 0.0 <= mask_ratio < 1.0:
         raise FacemaeError(f"mask_ratio must be in [0, 1), got {mask_ratio}: set mae.mask_ratio")
-    return int(num_patches * (1.0 - mask_ratio))
+    keep = int(num_patches * (1.0 - mask_ratio))
+    if keep == 0:
+        raise FacemaeError(
+            f"mask ratio {mask_ratio} leaves no visible patch of {num_patches}: use at most "
+            f"{1 - 1 / num_patches:.4f}"
+        )
+    return keep
 
 
 def random_masking(
@@ -225,9 +231,9 @@ class FaceMAE(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise FacemaeError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        num_visible(1, mask_ratio)  # validates the ratio
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = img_size // patch_size
+        num_visible(self.grid_size**2, mask_ratio)  # validates the ratio
         self.num_patches = self.grid_size**2
         self.patch_dim = patch_size * patch_size * in_chans
         self.embed_dim, self.decoder_dim = embed_dim, decoder_dim
