@@ -198,7 +198,19 @@ def _guarded(name: str, fn: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"facemae {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy a process group the stage started, while the interpreter is still whole: left to
+    exit-time destructors, gloo's threads sometimes abort the process ("terminate called without an
+    active exception", exit -6) after a run that finished."""
+    if "torch.distributed" in sys.modules:
+        from facemae_dist import dist
+
+        dist.shutdown()
 
 
 def run_entry(name: str, fn: Callable[[], object]) -> None:
