@@ -98,17 +98,31 @@ def released_faces_grid(
     return save_grid(rows, path, list(methods))
 
 
+def measured(
+    points: dict[str, list[tuple[float | None, float, str]]],
+) -> dict[str, list[tuple[float, float, str]]]:
+    """The points that have a leakage value (x), per curve; curves left empty are dropped.
+
+    A released set that was not audited has no x: drawing it at 0 would read as perfectly private.
+    """
+    kept = {name: [p for p in pts if p[0] is not None] for name, pts in points.items()}
+    return {name: pts for name, pts in kept.items() if pts}
+
+
 def privacy_utility_plot(
     points: dict[str, list[tuple[float, float, str]]], path: Path, title: str
 ) -> Path:
-    """Scatter/curves: x = leakage (top-1 retrieval, lower is more private), y = verification accuracy."""
+    """Scatter/curves: x = leakage (top-1 retrieval, lower is more private), y = verification accuracy.
+
+    Points whose leakage is None (not measured) are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    for name, pts in points.items():
+    for name, pts in measured(points).items():
         xs, ys, labels = zip(*pts, strict=True)
         ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=name)
         for x, y, label in pts:
@@ -130,7 +144,7 @@ def write_demo_report(report: dict, out: Path) -> None:
     grid = released_faces_grid(
         out, "0.75", ["original", "masked", "facemae_mse", "facemae_irm"], out / "faces_grid.png"
     )
-    points = {r["method"]: [(r.get("leak_top1", 0.0), r["acc"], "")] for r in rows}
+    points = {r["method"]: [(r.get("leak_top1"), r["acc"], "")] for r in rows}
     plot = privacy_utility_plot(
         points, out / "privacy_utility.png", f"mask ratio {report['mask_ratio']}"
     )
@@ -152,11 +166,11 @@ def write_demo_report(report: dict, out: Path) -> None:
 
 def write_sweep_report(report: dict, out: Path) -> None:
     points = {
-        method: [(r.get("leak_top1", 0.0), r["acc"], f"{r['mask_ratio']:g}") for r in rows]
+        method: [(r.get("leak_top1"), r["acc"], f"{r['mask_ratio']:g}") for r in rows]
         for method, rows in report["curves"].items()
     }
     for r in report.get("fixed", []):  # methods without a mask ratio, from the demo's own table
-        points[f"{r['method']} (no mask)"] = [(r.get("leak_top1", 0.0), r["acc"], "")]
+        points[f"{r['method']} (no mask)"] = [(r.get("leak_top1"), r["acc"], "")]
     plot = privacy_utility_plot(points, out / "sweep_privacy_utility.png", "mask-ratio sweep")
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     for method, rows in report["curves"].items():

@@ -80,3 +80,12 @@ def test_report_table_shows_missing_values_as_a_dash():
     }
     table = demo_table_markdown([row])
     assert "0.200" in table.splitlines()[-1] and "—" in table.splitlines()[-1]
+
+
+def test_plot_leaves_out_points_without_a_leakage_value(tmp_path):
+    from facemae_dist.report import measured, privacy_utility_plot
+
+    points = {"measured": [(0.1, 0.7, "0.75"), (None, 0.8, "0.5")], "none": [(None, 0.6, "")]}
+    assert measured(points) == {"measured": [(0.1, 0.7, "0.75")]}
+    path = privacy_utility_plot(points, tmp_path / "plot.png", "t")
+    assert path.is_file() and path.stat().st_size > 1000

@@ -187,8 +187,14 @@ def test_load_teacher(tmp_path) -> None:
         assert torch.equal(v, w), k
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert path.read_bytes() == before
-    with pytest.raises(FacemaeError, match="does not match"):
+    with pytest.raises(FacemaeError, match="does not match") as err:
         load_teacher(path, lambda: nn.Linear(4, 4))
+    assert "missing, e.g. bias" in str(err.value) and "\n" not in str(err.value)
+    wider = lambda: nn.Sequential(*list(teacher())[:-1], nn.Linear(32, 17))  # noqa: E731
+    with pytest.raises(
+        FacemaeError, match=r"2 of other shape, e.g. 5.weight \(16, 32\) vs \(17, 32\)"
+    ):
+        load_teacher(path, wider)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(FacemaeError, match="cannot read"):
         load_teacher(tmp_path / "junk.safetensors", teacher)

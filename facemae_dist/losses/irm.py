@@ -237,6 +237,24 @@ def total_loss(mse: Tensor, irm: Tensor | None, w_mse: float = 1.0, w_irm: float
     return w_mse * mse + w_irm * irm
 
 
+def _state_mismatch(expected: dict, found: dict) -> str:
+    """One line on how two state dicts differ: missing/unexpected keys, then shape mismatches."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [k for k in expected if k in found and expected[k].shape != found[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of other shape, e.g. {k} {tuple(found[k].shape)} vs "
+            f"{tuple(expected[k].shape)} expected"
+        )
+    return "; ".join(parts) or "values differ"
+
+
 def load_teacher(path: str | Path, build_fn: Callable[[], nn.Module]) -> nn.Module:
     """Build the teacher with ``build_fn()`` and load the safetensors state dict at ``path`` (read-only).
 
@@ -258,9 +276,10 @@ def load_teacher(path: str | Path, build_fn: Callable[[], nn.Module]) -> nn.Modu
     model = build_fn()
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except RuntimeError:
         raise FacemaeError(
-            f"IRM teacher {file} does not match the architecture built for it: {err}; "
-            "build the same recognizer architecture that wrote the file"
-        ) from err
+            f"IRM teacher {file} does not match the architecture built for it "
+            f"({_state_mismatch(model.state_dict(), state)}): set irm.teacher_arch and "
+            "irm.teacher_embedding to the recognizer that wrote the file (its model.json says which)"
+        ) from None
     return freeze(model)
