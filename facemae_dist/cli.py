@@ -153,10 +153,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from facemae_dist.data.sources import load_pair_set
-    from facemae_dist.eval.verification import load_recognizer_export, verify_pair_set
+    from facemae_dist.eval.verification import (
+        load_recognizer_export,
+        resolve_device,
+        verify_pair_set,
+    )
     from facemae_dist.progress import console
 
-    model = load_recognizer_export(args.model)
+    device = resolve_device(args.device)
+    model = load_recognizer_export(args.model).to(device)
     table = Table(title=f"verification: {args.model}")
     for col in ("pair set", "pairs", "accuracy", "± std", "TAR@FAR=1e-3", "threshold"):
         table.add_column(col, justify="left" if col == "pair set" else "right")
@@ -304,6 +309,7 @@ def _add_study_commands(sub) -> None:
     )
     p.add_argument("--pairs", nargs="+", required=True, help=".bin pair sets")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if any)")
     p.add_argument("--out", default=None, help="write the results as JSON")
 
 

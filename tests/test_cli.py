@@ -48,6 +48,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
             "--pairs",
             str(tmp_path / "x.bin"),
         ],
+        ["eval", "--model", str(tmp_path), "--pairs", str(tmp_path / "x.bin"), "--device", "tpu"],
     ]
     for args in cases:
         done = subprocess.run(
