@@ -298,6 +298,15 @@ def test_pretrain_checks_irm_options_and_the_teacher_architecture_before_start(t
     right = [*irm, "irm.teacher_embedding=128"]
     with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
         validate(load_config(PretrainConfig, config, [data, *right]), 1)
+    meta["kwargs"] = {"width": 8}  # a teacher trained with backbone options
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(FacemaeError, match=r"backbone options \{'width': 8\}.*irm.teacher_kwargs"):
+        validate(load_config(PretrainConfig, config, [data, *right]), 1)
+    with pytest.raises(FacemaeError, match="no shard manifest"):
+        validate(
+            load_config(PretrainConfig, config, [data, *right, "irm.teacher_kwargs={width: 8}"]), 1
+        )
+    right.append("irm.teacher_kwargs={width: 8}")
     with pytest.raises(FacemaeError, match="each rank gets 2 .* IRM is always 0"):
         validate(load_config(PretrainConfig, config, [data, *right]), 8)  # 16 faces / 8 ranks
 

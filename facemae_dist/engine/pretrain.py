@@ -50,6 +50,7 @@ class IRMConfig:
     teacher: str | None = None  # .safetensors of a recognizer trained with `facemae train`
     teacher_arch: str = "mobilefacenet"  # light: its cost is IRM's overhead
     teacher_embedding: int = 512
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # backbone options (model.json)
     temperature: float = 0.1
     similarity: str = "cosine"  # cosine | dot
     direction: str = "forward"  # forward KL(orig||recon) | reverse | symmetric
@@ -119,13 +120,15 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
 
 def check_teacher_meta(irm: IRMConfig) -> None:
     """The model.json `facemae train` writes beside its export names the teacher's architecture:
-    irm.teacher_arch and irm.teacher_embedding must agree with it (else loading it fails later)."""
+    irm.teacher_arch, irm.teacher_embedding and irm.teacher_kwargs must agree with it (else loading
+    it fails later)."""
     meta_file = Path(irm.teacher).parent / "model.json"
     if not meta_file.is_file():
         return  # a teacher exported elsewhere: the state dict is checked when it is loaded
     try:
         meta = json.loads(meta_file.read_text())
         arch, size = meta["backbone"], int(meta["embedding_size"])
+        kwargs = dict(meta.get("kwargs") or {})
     except (ValueError, KeyError, TypeError) as exc:
         raise FacemaeError(
             f"{meta_file} is not a `facemae train` model.json ({exc!r}): "
@@ -138,6 +141,11 @@ def check_teacher_meta(irm: IRMConfig) -> None:
             f"irm.teacher_embedding={irm.teacher_embedding}: "
             f"set irm.teacher_arch={arch} irm.teacher_embedding={size}"
         )
+    if kwargs != irm.teacher_kwargs:
+        raise FacemaeError(
+            f"irm.teacher {irm.teacher} was built with backbone options {kwargs} ({meta_file}), "
+            f"but irm.teacher_kwargs is {irm.teacher_kwargs}: set irm.teacher_kwargs to the same"
+        )
 
 
 def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp32"):
@@ -147,7 +155,8 @@ def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp3
     from facemae_dist.models.backbones import build_backbone
 
     teacher = load_teacher(
-        cfg.teacher, lambda: build_backbone(cfg.teacher_arch, cfg.teacher_embedding)
+        cfg.teacher,
+        lambda: build_backbone(cfg.teacher_arch, cfg.teacher_embedding, **cfg.teacher_kwargs),
     )
     precision = cfg.teacher_precision or engine_precision
     return IRMLoss(
