@@ -39,7 +39,7 @@ bench: setup
 # What bench/gpu_check.sh needs on a GPU machine whose image lacks them (Python 3.12, no network
 # there): wheels pinned like requirements/lock-cpu.txt; DeepSpeed ships no wheel, so one is built
 # here without ops (the toolkit uses torch optimizers, no JIT-built kernels). Carry `.whl` along.
-GPU_WHEELS := webdataset braceexpand submitit hjson pydantic pydantic_core annotated-types typing-inspection
+GPU_WHEELS := webdataset braceexpand submitit hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
 gpu-wheels: setup
 	mkdir -p .whl
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -23,12 +23,15 @@ def contact_sheet(cfg: SynthConfig, ids: int, per: int, path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description="render + JPEG speed of the synthetic faces")
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="500 images (what `make bench` runs)")
     ap.add_argument("--per", type=int, default=20, help="images per identity in the timed run")
     ap.add_argument("--grid", default="/tmp/synth_grid.png")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.quick:
+        args.n = min(args.n, 500)
     cfg = SynthConfig(num_identities=1_000_000, images_per_identity=args.per, seed=args.seed)
     encode_face(cfg, 0, 0)  # warm the module-level caches (noise bank, grids)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -13,7 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
+# the wheels are for the GPU image's Python 3.12, and only needed where the packages are missing
+if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c 'import deepspeed, webdataset, submitit' 2>/dev/null \
+  && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/facemae-site .whl/*.whl
   export PYTHONPATH=/tmp/facemae-site
@@ -21,7 +23,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
   export DS_ACCELERATOR=cuda PREC=bf16 MICRO=128
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  fi
 else
   export DS_ACCELERATOR=cpu PREC=fp32 MICRO=4
 fi
@@ -29,22 +33,37 @@ W=/tmp/facemae-gpu-check
 rm -rf "$W"
 facemae() { python3 -m facemae_dist "$@"; }
 
+# A failing smoke step is recorded and the script goes on: the throughput runs must not be lost to it.
+failed=()
+smoke() {  # smoke NAME COMMAND...: run one step, its log in $OUT/NAME.log
+  local name=$1
+  shift
+  if ! "$@" >"$OUT/$name.log" 2>&1; then
+    failed+=("$name")
+    echo "SMOKE FAILED: $name (tail of $OUT/$name.log follows)"
+  fi
+  tail -n 3 "$OUT/$name.log"
+}
+
 echo "== 1. smoke: shard -> train (teacher) -> pretrain (IRM, ZeRO-2, $PREC) -> reconstruct"
 facemae shard 48x12 "$W/shards" --shuffle --holdout-identities 8 --no-progress
-facemae train --config configs/recog/tiny_cpu.yaml data.train="$W/shards/train" \
-  run.out_dir="$W/teacher" run.max_steps=30 engine.precision="$PREC" 2>&1 | tee "$OUT/train.log"
-facemae pretrain --config configs/mae/tiny_cpu.yaml data.train="$W/shards/train" \
+smoke train facemae train --config configs/recog/tiny_cpu.yaml data.train="$W/shards/train" \
+  run.out_dir="$W/teacher" run.max_steps=30 engine.precision="$PREC"
+smoke pretrain facemae pretrain --config configs/mae/tiny_cpu.yaml data.train="$W/shards/train" \
   run.out_dir="$W/mae" run.max_steps=30 engine.precision="$PREC" irm.weight=1.0 \
-  irm.teacher="$W/teacher/backbone.safetensors" irm.teacher_arch=tiny irm.teacher_embedding=128 \
-  2>&1 | tee "$OUT/pretrain.log"
-facemae reconstruct --model "$W/mae" "$W/shards/unseen" "$W/release" 2>&1 | tee "$OUT/reconstruct.log"
-cp "$W"/mae/images/*.png "$OUT/" 2>/dev/null || true; cp "$W"/mae/metrics.jsonl "$OUT/"
+  irm.teacher="$W/teacher/backbone.safetensors" irm.teacher_arch=tiny irm.teacher_embedding=128
+smoke reconstruct facemae reconstruct --model "$W/mae" "$W/shards/unseen" "$W/release"
+cp "$W"/mae/images/*.png "$W"/mae/metrics.jsonl "$OUT/" 2>/dev/null || true
 
 echo "== 2. throughput: bench/bench_zero.py"
 python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --json "$OUT/zero.json" \
-  ${QUICK:+--quick}
+  ${QUICK:+--quick} || failed+=("bench_zero")
 for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
   python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --irm "$teacher" \
-    --json "$OUT/zero_irm_$teacher.json" ${QUICK:+--quick}
+    --json "$OUT/zero_irm_$teacher.json" ${QUICK:+--quick} || failed+=("bench_zero --irm $teacher")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: FAILED steps: ${failed[*]}"
+  exit 1
+fi
 echo "gpu_check: all steps passed"

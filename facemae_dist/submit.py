@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -220,38 +221,17 @@ def wants_help(stage_args: Sequence[str]) -> bool:
     return any(a in ("-h", "--help") for a in stage_args)
 
 
-def _reconstruct_preflight(argv: list[str], world_size: int) -> None:
-    """reconstruct: its arguments, the input split's manifest and, for FaceMAE, the run folder."""
-    from facemae_dist.data.shards import load_manifest
-    from facemae_dist.engine import reconstruct
-
-    a = reconstruct.parser().parse_args(argv)
-    load_manifest(a.input)
-    if a.method == "facemae":
-        if not a.model:
-            raise FacemaeError(
-                "--method facemae needs --model RUN_DIR (a finished `facemae pretrain` run)"
-            )
-        if not (Path(a.model) / "model.json").is_file():
-            raise FacemaeError(
-                f"--model {a.model} has no model.json: pass the folder of a finished `facemae pretrain` run"
-            )
-
-
-# stages whose module has no preflight(argv, world_size) of its own
-PREFLIGHT: dict[str, Callable[[list[str], int], None]] = {"reconstruct": _reconstruct_preflight}
-
-
 def preflight(args: argparse.Namespace) -> None:
     """Check the stage's arguments here, before the job waits in the queue: the stage module's
-    `preflight(argv, world_size)` (the trainers: config file, keys, overrides and validate()), else
-    one of PREFLIGHT, else its argument parser. No process group starts."""
+    `preflight(argv, world_size)` (trainers: config file, keys, overrides and validate();
+    reconstruct: options, paths, manifest, model folder), else its argument parser. No process
+    group starts."""
     module = stage_module(args.stage)  # unknown stage: fail here, not in the job
     config = config_of(args.stage_args)
     if config is not None and not Path(config).is_file():
         raise FacemaeError(f"config {config} not found: pass an existing YAML (see configs/)")
     world_size = args.nodes * tasks_per_node(args)
-    check = getattr(module, "preflight", None) or PREFLIGHT.get(args.stage)
+    check = getattr(module, "preflight", None)
     if callable(check):
         check(list(args.stage_args), world_size)
     elif callable(getattr(module, "parser", None)):
@@ -260,8 +240,14 @@ def preflight(args: argparse.Namespace) -> None:
 
 def submit(args: argparse.Namespace) -> Any:
     """Submit `args.stage` with `args.stage_args` after :func:`preflight`; returns the submitit Job."""
-    preflight(args)
     config = config_of(args.stage_args)
+    given = any(a.startswith(OUT_KEY + "=") for a in args.stage_args)
+    if args.cluster in ("local", "debug") and config is not None and not given:
+        # submitit names Slurm folders after the job (%j), but its local runner cannot: name the
+        # run after the submission time instead
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.stage_args = [*args.stage_args, f"{OUT_KEY}={args.runs}/{args.stage}-{stamp}"]
+    preflight(args)
     executor = make_executor(args, log_folder(args))
     job = StageJob(args.stage, args.stage_args, args.runs, run_dir=config is not None)
     return executor.submit(job)

@@ -88,7 +88,9 @@ def test_submit_prints_stage_help_and_checks_the_config_before_submitting(
     submitted = []
 
     def fake_executor(args, folder):
-        job = SimpleNamespace(job_id="7", paths=SimpleNamespace(folder=folder))
+        job = SimpleNamespace(
+            job_id="7", paths=SimpleNamespace(folder=folder), results=lambda: [{}]
+        )
         return SimpleNamespace(submit=lambda fn: submitted.append(fn) or job)
 
     monkeypatch.setattr(submit, "make_executor", fake_executor)
@@ -112,11 +114,21 @@ def test_submit_prints_stage_help_and_checks_the_config_before_submitting(
         assert main(argv) == 2, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (extra, err)
-    assert main(["submit", "reconstruct", str(sharded_split), "out", "--model", "no-run"]) == 2
-    assert "--model no-run has no model.json" in capsys.readouterr().err
+    recon = ["submit", "reconstruct", str(sharded_split)]
+    assert main([*recon, "out", "--model", "no-run"]) == 2
+    assert "--model no-run: no such folder" in capsys.readouterr().err
+    assert main([*recon, "out", "--method", "blur", "--copies", "0"]) == 2
+    assert "--copies must be ≥ 1" in capsys.readouterr().err
+    assert main([*recon, str(sharded_split), "--method", "blur"]) == 2  # over its own input
+    assert "is the input split" in capsys.readouterr().err
     assert not submitted and not list(work.iterdir())  # nothing built, nothing written
     assert main(["submit", "pretrain", "--config", MAE_CONFIG, "--cluster", "slurm", data]) == 0
     assert len(submitted) == 1 and "submitted pretrain as job 7" in capsys.readouterr().out
+    # submitit's local runner cannot create a folder named after the job: the run gets a time stamp
+    assert main(["submit", "pretrain", "--config", MAE_CONFIG, "--cluster", "local", data]) == 0
+    out_dir = [a for a in submitted[-1].argv if a.startswith("run.out_dir=")]
+    assert len(out_dir) == 1 and "%j" not in out_dir[0] and "runs/pretrain-" in out_dir[0]
+    assert f"logs in {out_dir[0].split('=', 1)[1]}/submitit" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- slurm/common.sh without a Slurm

@@ -260,8 +260,8 @@ def verify_export(engine, run_dir: Path, cfg: PretrainConfig, device: torch.devi
     diff = 0.0
     if dist.detect().is_main:
         plain = load_facemae(run_dir)
-        with torch.no_grad():
-            got = plain(probe, masking=masking).pred
+        with torch.no_grad():  # the plain model is on the CPU, the engine's mask maybe not
+            got = plain(probe, masking=masking.to("cpu")).pred
         diff = float((got - ref).abs().max())
         (run_dir / "export.json").write_text(
             json.dumps({"max_abs_diff": diff, "dtype": str(dtype)})

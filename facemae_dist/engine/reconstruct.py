@@ -198,7 +198,7 @@ def release_shard(releaser: Releaser, url: str, expected: int, out_path: Path, s
         for batch in _batches(url, expected, o.batch_size):
             images = normalize(torch.stack([decode_face(s) for s in batch])).to(releaser.device)
             for copy, gen in enumerate(gens):
-                released = releaser(images, gen)
+                released = releaser(images, gen).cpu()  # JPEG encoding happens on the host
                 for sample, image in zip(batch, released, strict=True):
                     files = _sample_files(sample, image, copy, o)
                     if copy:
@@ -428,13 +428,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    a = parser().parse_args(argv)
-    opts = ReconstructOptions(
+def _options(a: argparse.Namespace) -> ReconstructOptions:
+    return ReconstructOptions(
         method=a.method, model=a.model, mask_ratio=a.mask_ratio, copies=a.copies,
         paste_visible=not a.no_paste_visible, jpeg_quality=a.jpeg_quality, blur_sigma=a.blur_sigma,
         noise_std=a.noise_std, batch_size=a.batch_size, seed=a.seed, progress=not a.no_progress,
     )  # fmt: skip
+
+
+def preflight(argv: Sequence[str], world_size: int = 1) -> None:
+    """What `facemae submit` checks before queueing a release: options, paths, the input's
+    manifest and the FaceMAE run folder (nothing is written, no model is loaded)."""
+    a = parser().parse_args(list(argv))
+    _options(a).validate()  # also the FaceMAE run folder
+    _check_paths(a.input, Path(a.output))
+    load_manifest(a.input)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    a = parser().parse_args(argv)
+    opts = _options(a)
     manifest = reconstruct_split(a.input, a.output, opts)
     if manifest is not None:
         print(

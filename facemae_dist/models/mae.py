@@ -138,6 +138,10 @@ class Masking:
         """``L``: patches per image."""
         return self.mask.shape[1]
 
+    def to(self, device: torch.device | str) -> Masking:
+        """The same masking with its tensors on ``device``."""
+        return Masking(self.ids_keep.to(device), self.ids_masked.to(device), self.mask.to(device))
+
     def flat(self, ids: Tensor, per_row: int | None = None) -> Tensor:
         """Indices into the batch flattened to ``B * per_row`` rows (``per_row`` defaults to ``L``)."""
         per_row = self.num_patches if per_row is None else per_row
