@@ -222,3 +222,13 @@ def test_shards_whose_inputs_were_all_rejected_are_left_out(tmp_path):
     assert [s["samples"] for s in m["shards"]] == [2] and len(m["rejected"]) == 2
     with pytest.raises(FacemaeError, match="every input of split 'train' was rejected"):
         shard_dataset(MemorySource(items[:2]), tmp_path / "b", opts())
+
+
+def test_tar_headers_refuse_what_ustar_cannot_hold():
+    from facemae_dist.data.tario import BLOCK, member_header
+
+    assert len(member_header("a.jpg", 8**11 - 1)) == BLOCK
+    with pytest.raises(ValueError, match="at most 8 GiB"):
+        member_header("a.jpg", 8**11)
+    with pytest.raises(ValueError, match="too long"):
+        member_header("x" * 100, 1)

@@ -28,6 +28,7 @@ _TAIL = b"0" + bytes(100) + b"ustar\x0000" + b"root".ljust(32, b"\0") * 2  # 156
 _TAIL += bytes(BLOCK - 329)  # 329:512
 _FIXED_SUM = sum(_MODE_UID_GID) + sum(_MTIME) + sum(_TAIL) + 8 * ord(" ")
 _ZEROS = bytes(BLOCK)
+_MAX_SIZE = 8**11
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -35,6 +36,8 @@ def member_header(name: str, size: int) -> bytes:
     raw = name.encode("ascii")
     if len(raw) > 99:
         raise ValueError(f"tar member name too long: {name!r}")
+    if not 0 <= size < _MAX_SIZE:  # 11 octal digits: a larger size would shift every later field
+        raise ValueError(f"tar member {name!r} of {size} bytes: ustar holds at most 8 GiB - 1")
     size_field = _octal(size, 12)
     checksum = b"%06o\x00 " % (_FIXED_SUM + sum(raw) + sum(size_field))
     return b"".join((raw.ljust(100, b"\0"), _MODE_UID_GID, size_field, _MTIME, checksum, _TAIL))
