@@ -68,6 +68,7 @@ def test_train_verify_export_and_resume_on_fewer_ranks(data):
     done = train(data, out, 2, *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world size 2" in done.stdout and "verify pairs" in done.stdout
+    assert done.stdout.count("verify pairs") == 2  # steps 8 and 16; the final check is step 16's
     loss = losses(out)
     assert np.mean([loss[s] for s in (14, 15, 16)]) < np.mean([loss[s] for s in (1, 2, 3)])
     result = json.loads((out / "result.json").read_text())

@@ -261,7 +261,8 @@ def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
     task = RecogTask(cfg, head, head_opt, device)
     task.engine = engine
     state = fit(engine, task, run.stream, cfg.run, cfg.engine.grad_accum)
-    final = task.verify(state.step)
+    done = task.history[-1] if task.history and task.history[-1]["step"] == state.step else None
+    final = done or task.verify(state.step)  # the last periodic check may have been this step
     weights = export_backbone(engine, cfg, run_dir / "backbone.safetensors")
     result = {
         "step": state.step,
