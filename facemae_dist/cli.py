@@ -153,15 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from facemae_dist.data.sources import load_pair_set
-    from facemae_dist.eval.verification import (
-        load_recognizer_export,
-        resolve_device,
-        verify_pair_set,
-    )
+    from facemae_dist.engine.recognize import load_recognizer
+    from facemae_dist.eval.verification import resolve_device, verify_pair_set
     from facemae_dist.progress import console
 
     device = resolve_device(args.device)
-    model = load_recognizer_export(args.model).to(device)
+    model = load_recognizer(args.model).to(device)
     table = Table(title=f"verification: {args.model}")
     for col in ("pair set", "pairs", "accuracy", "± std", "TAR@FAR=1e-3", "threshold"):
         table.add_column(col, justify="left" if col == "pair set" else "right")

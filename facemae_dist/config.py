@@ -136,6 +136,16 @@ def read_json(path: str | Path, what: str, fix: str) -> Any:
         raise FacemaeError(f"{what}: {path} is not valid JSON ({exc}); {fix}") from None
 
 
+def model_json_kind(meta: Any) -> str | None:
+    """What an export's model.json describes: "facemae" (`facemae pretrain`), "recognizer"
+    (`facemae train`), or None."""
+    if isinstance(meta, dict) and "name" in meta and "kwargs" in meta:
+        return "facemae"
+    if isinstance(meta, dict) and "backbone" in meta and "embedding_size" in meta:
+        return "recognizer"
+    return None
+
+
 def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
     return from_dict(cls, apply_overrides(load_yaml(path), overrides))
 

@@ -157,9 +157,9 @@ class Demo:
         self.recognizer(self.out / "shards/train", self.out / "auditor", steps, 7, width)
 
     def pretrain(self, run_dir: Path, irm: bool) -> None:
-        # IRM at the toolkit's default weight 1.0. Weights 0.1 / 0.3 / 1.0 gave verification 0.715 /
-        # 0.711 / 0.705 and auditor leakage top-1 0.103 / 0.063 / 0.046 (MSE-only: 0.677 / 0.215), with
-        # stronger teacher-specific patterns in the masked patches as the weight grows (README)
+        # IRM at the toolkit's default weight 1.0. In an earlier version of this demo, weights 0.1 /
+        # 0.3 / 1.0 gave verification 0.715 / 0.711 / 0.705 and auditor leakage top-1 0.103 / 0.063 /
+        # 0.046 (MSE-only: 0.677 / 0.215), with stronger teacher-specific patterns as it grows (README)
         teacher = ["irm.weight=1.0", f"irm.teacher={self.out / 'teacher/backbone.safetensors'}"]
         self.torchrun(
             "facemae_dist.pretrain", "--config", str(_configs() / "mae/tiny_cpu.yaml"),

@@ -260,7 +260,7 @@ def test_bad_device_and_facemae_export_are_one_line_errors(splits, tiny, tmp_pat
     (mae / "model.json").write_text(json.dumps({"name": "facemae_vit_micro", "kwargs": {}}))
     with pytest.raises(FacemaeError, match="FaceMAE export .*`facemae train`"):
         audit(splits["train"], splits["train"], mae / "facemae.safetensors", device="cpu")
-    with pytest.raises(FacemaeError, match="FaceMAE run .*`facemae train`"):
+    with pytest.raises(FacemaeError, match="FaceMAE export .*`facemae train`"):  # its folder
         audit(splits["train"], splits["train"], mae, device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FacemaeError, match="no CUDA GPU .*--device cpu"):

@@ -14,13 +14,13 @@ from safetensors.torch import save_file
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.sources import PairSet, load_pair_set, write_pair_set
 from facemae_dist.data.stream import read_shard
+from facemae_dist.engine.recognize import load_recognizer
 from facemae_dist.errors import FacemaeError
 from facemae_dist.eval.verification import (
     THRESHOLDS,
     embed_pairs,
     evaluate,
     fold_bounds,
-    load_recognizer_export,
     make_pairs,
     resolve_device,
     verify_pair_set,
@@ -238,9 +238,9 @@ def test_recognizer_export_checks(tiny_model, tmp_path) -> None:
     save_file(tiny_model.state_dict(), tmp_path / "backbone.safetensors")
     (tmp_path / "model.json").write_text(json.dumps({"name": "facemae_vit", "kwargs": {}}))
     with pytest.raises(FacemaeError, match="a FaceMAE export .*`facemae train`"):
-        load_recognizer_export(tmp_path / "backbone.safetensors")
+        load_recognizer(tmp_path / "backbone.safetensors")
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "embedding_size": 32}))
     with pytest.raises(FacemaeError, match="cannot load the recognizer .*`facemae train`"):
-        load_recognizer_export(tmp_path)  # weights of another embedding size
+        load_recognizer(tmp_path)  # weights of another embedding size
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "embedding_size": 64}))
-    assert not load_recognizer_export(tmp_path).training
+    assert not load_recognizer(tmp_path).training

@@ -73,8 +73,14 @@ def _jpeg_has_eoi(data: bytes) -> bool:
     a literal 0xFF is stuffed as FF00 and restart markers (FFD0-FFD7) sit inline, so any other FFxx
     is a real marker. A truncated file runs out of bytes before reaching EOI. Trailing bytes after
     EOI (CRLF, padding, appended data) are accepted, as decoders accept them.
+
+    Fast path (nearly every file): once the header segments are passed, a file whose last bytes
+    (before zero padding) are FFD9 ends with its EOI, since FFD9 cannot occur in entropy-coded
+    data; only other files have their entropy data scanned (a Python step per 0xFF byte).
     """
     pos, n = 2, len(data)
+    end = len(data.rstrip(b"\x00"))  # some writers zero-pad
+    ends_with_eoi = data[end - 2 : end] == b"\xff\xd9"
     while True:
         pos = data.find(b"\xff", pos)  # also skips stray bytes between segments, as libjpeg does
         if pos < 0 or pos + 1 >= n:
@@ -90,6 +96,8 @@ def _jpeg_has_eoi(data: bytes) -> bool:
             return False
         else:  # a segment: skip its length-prefixed payload (entropy data follows SOS's header)
             pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+            if marker == 0xDA and ends_with_eoi and end - 2 >= pos:
+                return True
 
 
 def looks_complete(data: bytes, kind: str) -> bool:

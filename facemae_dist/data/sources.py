@@ -1017,15 +1017,12 @@ def _detect_format(path: str) -> str:
     return "list"
 
 
-_SYNTHETIC_SPEC = re.compile(r"\d+x\d+(:\d+)?")
-
-
 def open_source(path: str | os.PathLike[str], fmt: str = "auto") -> Source:
     """Open a face source: ``fmt`` is one of auto, folder, list, recordio, synthetic.
 
     auto: a folder holding a .rec file, or a .rec file → RecordIO; another folder → image
-    folder; another file → list; no such path but an ``IDSxPER[:SEED]`` spec → synthetic. synthetic: ``path`` is a synthetic-data spec
-    (see :mod:`facemae_dist.data.synthetic`). Raises FacemaeError for a missing path, an
+    folder; another file → list; no such path but an ``IDSxPER[:SEED]`` spec → synthetic.
+    synthetic: ``path`` is a synthetic-data spec (see :mod:`facemae_dist.data.synthetic`). Raises FacemaeError for a missing path, an
     unknown format, or a source without images.
     """
     path = os.fspath(path)
@@ -1033,15 +1030,18 @@ def open_source(path: str | os.PathLike[str], fmt: str = "auto") -> Source:
         raise FacemaeError(
             f"unknown source format {fmt!r} for {path}; choose one of {', '.join(SOURCE_FORMATS)}"
         )
-    if fmt == "synthetic" or (
-        fmt == "auto" and not os.path.exists(path) and _SYNTHETIC_SPEC.fullmatch(path)
-    ):
+    if fmt == "synthetic":
         from facemae_dist.data.synthetic import SyntheticSource
 
         return SyntheticSource.from_spec(path)
     if fmt in ("auto", "recordio") and path.endswith(".idx") and os.path.isfile(path[:-4] + ".rec"):
         path = path[:-4] + ".rec"  # the index was named: read the records beside it
     if not os.path.exists(path):
+        if fmt == "auto":  # not a path: maybe a synthetic spec (its parser decides)
+            from facemae_dist.data.synthetic import SyntheticSource
+
+            with contextlib.suppress(FacemaeError):
+                return SyntheticSource.from_spec(path)
         raise FacemaeError(f"source {path} does not exist; check the path")
     kind = _detect_format(path) if fmt == "auto" else fmt
     if kind == "folder" and not os.path.isdir(path):

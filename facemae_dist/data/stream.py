@@ -150,7 +150,7 @@ def _decode_array(sample: dict[str, Any]) -> np.ndarray:
         if ext in sample:
             try:
                 with Image.open(io.BytesIO(sample[ext])) as img:
-                    return np.asarray(img if img.mode == "RGB" else to_rgb(img))
+                    return np.asarray(to_rgb(img))  # no copy when already RGB
             except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
                 raise BadShardError(
                     f"sample {sample['__key__']} in {sample['__url__']} cannot be decoded ({err}): "

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from facemae_dist import dist
+from facemae_dist.config import read_json
 from facemae_dist.data.stream import FaceStream, make_loader
 from facemae_dist.engine import checkpoint
 from facemae_dist.errors import FacemaeError
@@ -152,10 +153,7 @@ def deepspeed_fragment(value: str) -> dict[str, Any]:
             f"engine.deepspeed_config {value} not found{where}: name a DeepSpeed JSON such as "
             "configs/deepspeed/zero2.json, or remove the key"
         )
-    try:
-        extra = json.loads(found.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FacemaeError(f"engine.deepspeed_config {found} is not valid JSON: {exc}") from None
+    extra = read_json(found, "engine.deepspeed_config", "fix the file or remove the key")
     if not isinstance(extra, dict):
         raise FacemaeError(f"engine.deepspeed_config {found}: expected a JSON object {{...}}")
     return extra
@@ -442,19 +440,19 @@ class _Fit:
     def micro_step(self, batch: dict[str, Any], boundary: bool) -> bool:
         """Forward, backward and engine.step() (an update on the boundary); True on a stop signal."""
         losses = self.task.losses(self.engine, batch)
-        loss = losses["loss"].detach().float()
-        if self.bad_loss is None and not torch.isfinite(loss):
-            self.bad_loss = loss.item()
+        values = {k: float(v.detach()) for k, v in losses.items()}  # the one host sync per batch
+        if self.bad_loss is None and not math.isfinite(values["loss"]):
+            self.bad_loss = values["loss"]
         self.engine.backward(losses["loss"])
         stop = False
         if boundary:
             # before engine.step() applies the update: a non-finite loss of any micro-batch must
             # reach neither the weights nor a checkpoint
-            stop = self.check_finite(loss.device)
+            stop = self.check_finite(losses["loss"].device)
             self.step_lr = self.engine.get_lr()[0]  # step() moves the scheduler on to the next lr
         self.engine.step()
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
         self.summed += 1
         self.state.samples_seen += self.stream.batch_size * self.stream.world_size
         return stop

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from facemae_dist import dist
-from facemae_dist.config import load_config
+from facemae_dist.config import load_config, model_json_kind, read_json
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
@@ -125,15 +125,11 @@ def check_teacher_meta(irm: IRMConfig) -> None:
     meta_file = Path(irm.teacher).parent / "model.json"
     if not meta_file.is_file():
         return  # a teacher exported elsewhere: the state dict is checked when it is loaded
-    try:
-        meta = json.loads(meta_file.read_text())
-        arch, size = meta["backbone"], int(meta["embedding_size"])
-        kwargs = dict(meta.get("kwargs") or {})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FacemaeError(
-            f"{meta_file} is not a `facemae train` model.json ({exc!r}): "
-            "pass the .safetensors of a recognizer trained with `facemae train`"
-        ) from None
+    fix = "pass the .safetensors of a recognizer trained with `facemae train`"
+    meta = read_json(meta_file, f"irm.teacher {irm.teacher}", fix)
+    if model_json_kind(meta) != "recognizer":
+        raise FacemaeError(f"irm.teacher {irm.teacher}: {meta_file} is no recognizer's; {fix}")
+    arch, size, kwargs = meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {}
     if (arch, size) != (irm.teacher_arch, irm.teacher_embedding):
         raise FacemaeError(
             f"irm.teacher {irm.teacher} is a {arch} recognizer with {size}-d embeddings "

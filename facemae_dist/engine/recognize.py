@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from facemae_dist import dist
-from facemae_dist.config import load_config
+from facemae_dist.config import load_config, model_json_kind, read_json
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
+    OPTIMIZERS,
     DataConfig,
     EngineConfig,
     OptimConfig,
@@ -108,9 +109,9 @@ def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
             raise FacemaeError(f"eval.pairs: {path} not found (make one with `facemae make-pairs`)")
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         raise FacemaeError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
-    if cfg.head.optimizer not in ("sgd", "adamw"):
+    if cfg.head.optimizer not in OPTIMIZERS:
         raise FacemaeError(
-            f"head.optimizer {cfg.head.optimizer!r} is unknown: use one of sgd, adamw"
+            f"head.optimizer {cfg.head.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}"
         )
     return micro, classes
 
@@ -224,23 +225,37 @@ def export_backbone(engine, cfg: RecogConfig, path: Path) -> Path:
     return path
 
 
-def load_recognizer(path: str | Path) -> torch.nn.Module:
-    """A plain backbone from a `facemae train` export (.safetensors with model.json beside it)."""
+def load_recognizer(path: str | Path, flag: str = "--model") -> torch.nn.Module:
+    """A plain backbone (eval mode) from a `facemae train` export (.safetensors with model.json
+    beside it, or their folder). What is not one (a FaceMAE run, a bad model.json, weights that do
+    not fit it) is a FacemaeError naming ``flag`` and the fix."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from facemae_dist.models.backbones import build_backbone
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "backbone.safetensors"
-    meta_file = path.parent / "model.json"
-    if not path.is_file() or not meta_file.is_file():
+    fix = "pass the backbone.safetensors (or its folder) written by `facemae train`"
+    weights = Path(path)
+    if weights.is_dir():
+        weights = weights / "backbone.safetensors"
+    meta_file = weights.parent / "model.json"
+    meta = read_json(meta_file, f"{flag} {path}", fix) if meta_file.is_file() else None
+    kind = model_json_kind(meta)
+    if kind == "facemae":
         raise FacemaeError(
-            f"{path}: no recognizer export here; pass the .safetensors written by `facemae train`"
+            f"{flag} {path}: this is a FaceMAE export (from `facemae pretrain`), not a "
+            f"recognizer; {fix}"
         )
-    meta = json.loads(meta_file.read_text())
-    model = build_backbone(meta["backbone"], meta["embedding_size"], **meta.get("kwargs", {}))
-    model.load_state_dict(load_file(str(path)))
+    if kind is None or not weights.is_file():
+        raise FacemaeError(f"{flag} {path}: no recognizer export here; {fix}")
+    try:
+        model = build_backbone(meta["backbone"], meta["embedding_size"], **meta.get("kwargs", {}))
+        model.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise FacemaeError(
+            f"{flag} {path}: cannot load the recognizer ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); {fix}"
+        ) from None
     return model.eval()
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from facemae_dist import dist
-from facemae_dist.config import read_json
+from facemae_dist.config import model_json_kind, read_json
 from facemae_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -97,13 +97,9 @@ def _model_files(model: str | os.PathLike) -> tuple[Path, Path]:
         raise FacemaeError(f"--model {model}: no such folder; {fix}")
     if not meta.is_file():
         raise FacemaeError(f"--model {model}: no model.json here; {fix}")
-    info = read_json(meta, f"--model {model}", fix)
-    if not isinstance(info, dict) or "name" not in info or "kwargs" not in info:
-        what = (
-            "a recognizer export from `facemae train`, not a FaceMAE"
-            if isinstance(info, dict) and "backbone" in info
-            else "not a FaceMAE export"
-        )
+    kind = model_json_kind(read_json(meta, f"--model {model}", fix))
+    if kind != "facemae":
+        what = "a recognizer export from `facemae train`" if kind else "no FaceMAE export"
         raise FacemaeError(f"--model {model}: its model.json describes {what}; {fix}")
     if not weights.is_file():
         raise FacemaeError(

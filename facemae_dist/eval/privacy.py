@@ -49,7 +49,7 @@ from torch import nn
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.stream import FaceStream, make_loader
 from facemae_dist.errors import FacemaeError
-from facemae_dist.eval.verification import embed_pairs, load_recognizer_export, resolve_device
+from facemae_dist.eval.verification import embed_pairs, resolve_device
 
 __all__ = ["audit", "embed_split", "main", "nearest", "retrieval"]
 
@@ -139,10 +139,6 @@ def embed_split(
 # ------------------------------------------------------------------------------------ retrieval
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
-    return resolve_device(device)
-
-
 def nearest(
     query: np.ndarray,
     gallery: np.ndarray,
@@ -155,7 +151,7 @@ def nearest(
     first; blocks of ``block`` x ``gallery_block`` similarities with a running top-k merge."""
     if block < 1 or gallery_block < 1 or k < 1:
         raise FacemaeError(f"block sizes and k must be positive, got {block}, {gallery_block}, {k}")
-    dev = _default_device(device)
+    dev = resolve_device(device)
     nq, ng = len(query), len(gallery)
     k = min(k, ng)
     best_val = torch.full((nq, k), -torch.inf, device=dev)
@@ -294,8 +290,10 @@ def _prepare_model(model: nn.Module | str | os.PathLike, device: str | torch.dev
         param = next(model.parameters(), None)
         dev = resolve_device(device) if device is not None else None
         return model.eval(), dev or (param.device if param is not None else torch.device("cpu"))
-    dev = _default_device(device)
-    return load_recognizer_export(model).to(dev).eval(), dev
+    from facemae_dist.engine.recognize import load_recognizer
+
+    dev = resolve_device(device)
+    return load_recognizer(model).to(dev).eval(), dev
 
 
 def audit(

@@ -30,7 +30,6 @@ import os
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from facemae_dist.config import read_json
 from facemae_dist.errors import FacemaeError
 
 __all__ = [
@@ -47,7 +45,6 @@ __all__ = [
     "embed_pairs",
     "evaluate",
     "fold_bounds",
-    "load_recognizer_export",
     "make_pairs",
     "resolve_device",
     "verify_pair_set",
@@ -227,42 +224,6 @@ def resolve_device(device: str | torch.device | None, flag: str = "--device") ->
     elif dev.type != "cpu":
         raise FacemaeError(f"{flag} {device}: use cpu, cuda or cuda:N (or leave {flag} out)")
     return dev
-
-
-def load_recognizer_export(path: str | os.PathLike, flag: str = "--model") -> nn.Module:
-    """:func:`facemae_dist.engine.recognize.load_recognizer` with a FacemaeError naming the fix
-    for what is not a recognizer export (a FaceMAE export, a bad model.json, weights that do not
-    fit it)."""
-    from safetensors import SafetensorError
-
-    from facemae_dist.engine.recognize import load_recognizer
-
-    fix = "pass the backbone.safetensors (or its folder) written by `facemae train`"
-    weights = Path(path)
-    if weights.is_dir():
-        if not (weights / "backbone.safetensors").is_file() and any(weights.glob("facemae*")):
-            raise FacemaeError(
-                f"{flag} {path}: this is a FaceMAE run (from `facemae pretrain`), not a "
-                f"recognizer; {fix}"
-            )
-        weights = weights / "backbone.safetensors"
-    meta_file = weights.parent / "model.json"
-    if meta_file.is_file() and weights.is_file():
-        meta = read_json(meta_file, f"{flag} {path}", fix)
-        if not isinstance(meta, dict) or "backbone" not in meta or "embedding_size" not in meta:
-            what = (
-                "a FaceMAE export (from `facemae pretrain`), not a recognizer"
-                if isinstance(meta, dict) and "name" in meta
-                else "no recognizer export"
-            )
-            raise FacemaeError(f"{flag} {path}: this is {what}; {fix}")
-    try:
-        return load_recognizer(path)
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise FacemaeError(
-            f"{flag} {path}: cannot load the recognizer ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}); {fix}"
-        ) from None
 
 
 def _model_device(model: nn.Module) -> torch.device:
