@@ -29,16 +29,20 @@ if python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
 else
   export DS_ACCELERATOR=cpu PREC=fp32 MICRO=4
 fi
+python3 -c 'import torch, timm, deepspeed, webdataset as wds
+print("torch", torch.__version__, "timm", timm.__version__, "deepspeed", deepspeed.__version__)' \
+  | tee -a "$OUT/gpu.txt"
 W=/tmp/facemae-gpu-check
 rm -rf "$W"
+STEP_TIMEOUT=${STEP_TIMEOUT:-200}  # a hung step must not eat the device time of the others
 facemae() { python3 -m facemae_dist "$@"; }
 
 # A failing smoke step is recorded and the script goes on: the throughput runs must not be lost to it.
 failed=()
-smoke() {  # smoke NAME COMMAND...: run one step, its log in $OUT/NAME.log
+smoke() {  # smoke NAME SUBCOMMAND ARGS...: run one `facemae` step, its log in $OUT/NAME.log
   local name=$1
   shift
-  if ! "$@" >"$OUT/$name.log" 2>&1; then
+  if ! timeout "$STEP_TIMEOUT" python3 -m facemae_dist "$@" >"$OUT/$name.log" 2>&1; then
     failed+=("$name")
     echo "SMOKE FAILED: $name (tail of $OUT/$name.log follows)"
   fi
@@ -47,19 +51,23 @@ smoke() {  # smoke NAME COMMAND...: run one step, its log in $OUT/NAME.log
 
 echo "== 1. smoke: shard -> train (teacher) -> pretrain (IRM, ZeRO-2, $PREC) -> reconstruct"
 facemae shard 48x12 "$W/shards" --shuffle --holdout-identities 8 --no-progress
-smoke train facemae train --config configs/recog/tiny_cpu.yaml data.train="$W/shards/train" \
+smoke train train --config configs/recog/tiny_cpu.yaml data.train="$W/shards/train" \
   run.out_dir="$W/teacher" run.max_steps=30 engine.precision="$PREC"
-smoke pretrain facemae pretrain --config configs/mae/tiny_cpu.yaml data.train="$W/shards/train" \
+smoke pretrain pretrain --config configs/mae/tiny_cpu.yaml data.train="$W/shards/train" \
   run.out_dir="$W/mae" run.max_steps=30 engine.precision="$PREC" irm.weight=1.0 \
   irm.teacher="$W/teacher/backbone.safetensors" irm.teacher_arch=tiny irm.teacher_embedding=128
-smoke reconstruct facemae reconstruct --model "$W/mae" "$W/shards/unseen" "$W/release"
+smoke reconstruct reconstruct --model "$W/mae" "$W/shards/unseen" "$W/release"
 cp "$W"/mae/images/*.png "$W"/mae/metrics.jsonl "$OUT/" 2>/dev/null || true
 
 echo "== 2. throughput: bench/bench_zero.py"
-python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --json "$OUT/zero.json" \
+timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --json "$OUT/zero.json" \
   ${QUICK:+--quick} || failed+=("bench_zero")
+if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ]; then  # B/16 at 112 px keeps 12 tokens: a larger batch
+  timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --micro-batch $((MICRO * 4)) --precision "$PREC" \
+    --json "$OUT/zero_mb$((MICRO * 4)).json" || failed+=("bench_zero micro-batch $((MICRO * 4))")
+fi
 for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
-  python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --irm "$teacher" \
+  timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --irm "$teacher" \
     --json "$OUT/zero_irm_$teacher.json" ${QUICK:+--quick} || failed+=("bench_zero --irm $teacher")
 done
 if [ ${#failed[@]} -gt 0 ]; then
