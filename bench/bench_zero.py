@@ -119,7 +119,9 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
         model=ModelConfig(name=name, mask_ratio=args.mask_ratio, kwargs=kwargs),
         irm=IRMConfig(weight=1.0 if args.irm else 0.0, teacher_arch=args.irm or "mobilefacenet"),
         optim=OptimConfig(warmup_steps=1),
-        engine=EngineConfig(zero_stage=args.zero, precision=args.precision),
+        engine=EngineConfig(
+            zero_stage=args.zero, precision=args.precision, deepspeed_config=args.deepspeed_config
+        ),
     )
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -139,16 +141,23 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step(task=task, engine=engine) -> dict[str, torch.Tensor]:
+        losses = task.losses(engine, batch)
+        engine.backward(losses["loss"])
+        engine.step()
+        return losses
+
     for step in range(total):
         if step == args.warmup:
             sync()
             dist.barrier()
             start = time.perf_counter()
-        losses = task.losses(engine, batch)
-        engine.backward(losses["loss"])
-        engine.step()
+        losses = train_step()
     sync()
     seconds = time.perf_counter() - start
+    if args.profile:
+        profile_steps(train_step, device, args.profile / f"profile_{name}.txt")
     loss = float(losses["loss"].detach().float())
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"{name}: non-finite loss {loss} in the benchmark")
@@ -161,6 +170,7 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
         "device": dev_name,
         "world_size": info.world_size,
         "zero_stage": args.zero,
+        "deepspeed_config": args.deepspeed_config,
         "precision": args.precision,
         "irm_teacher": args.irm,
         "micro_batch": args.micro_batch,
@@ -175,11 +185,78 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
         ),
         "last_loss": loss,
     }
-    del engine, task, model, irm
+    if args.baseline:
+        plain = plain_torch_rate(args, cfg, name, irm, device)
+        result["plain_torch_images_per_s"] = plain
+        result["deepspeed_vs_plain"] = img_s / plain
+    del engine, task, model, irm, train_step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+class _PlainEngine(torch.nn.Module):
+    """The slice of a DeepSpeed engine that ``MAETask.losses`` uses, over a plain module."""
+
+    def __init__(self, module: torch.nn.Module, autocast: torch.dtype | None) -> None:
+        super().__init__()
+        self.module, self.autocast = module, autocast
+
+    def forward(self, *args, **kwargs):
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type, self.autocast, enabled=self.autocast is not None):
+            return self.module(*args, **kwargs)
+
+
+def plain_torch_rate(
+    args: argparse.Namespace, cfg: PretrainConfig, name: str, irm, device: torch.device
+) -> float:
+    """Baseline in the same run: the same model and losses in plain PyTorch (fp32 weights, bf16
+    autocast, fused AdamW on GPUs): what a user gets without DeepSpeed on one device."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    bf16 = torch.bfloat16 if args.precision == "bf16" else None
+    engine = _PlainEngine(model, bf16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    task = MAETask(cfg, irm, device, 0)
+    batch = {"image": torch.randn(args.micro_batch, 3, 112, 112, device=device)}
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        loss = task.losses(engine, batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return args.micro_batch * args.steps / (time.perf_counter() - start)
+
+
+def profile_steps(step, device: torch.device, path: Path, steps: int = 5) -> None:
+    """torch.profiler over ``steps`` training steps: where the step's time goes, host and device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    table = prof.key_averages()
+    sections = [("self CPU time", "self_cpu_time_total")]
+    if device.type == "cuda":
+        sections.append(("device time", "self_device_time_total"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for title, key in sections:
+            f.write(f"== {steps} steps, top operators by {title}\n")
+            f.write(table.table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
+    print(f"profile: {path}", flush=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,11 +272,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
+    p.add_argument(
+        "--deepspeed-config",
+        metavar="JSON",
+        help="DeepSpeed fragment (default: the configs' configs/deepspeed/zero<stage>.json)",
+    )
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if gpu else "fp32")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--irm", metavar="ARCH", help="also run IRM through a teacher of this backbone")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table)")
     p.add_argument("--json", type=Path, help="write the results here (rank 0)")
+    p.add_argument(
+        "--baseline", action="store_true", help="also time the model in plain PyTorch (one device)"
+    )
+    p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler tables here")
     p.add_argument("--quick", action="store_true", help="micro model, 3 steps (a smoke run)")
     return p
 
@@ -209,6 +295,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.quick:
         args.model = args.model or ["facemae_vit_micro_patch16_112"]
         args.micro_batch, args.steps, args.warmup = min(args.micro_batch, 4), 3, 1
+    if args.deepspeed_config is None and args.zero > 0:
+        args.deepspeed_config = f"configs/deepspeed/zero{args.zero}.json"  # what the configs use
     models = args.model or ["facemae_vit_base_patch8_112", "facemae_vit_base_patch16_112"]
     info = dist.init()
     results = []
@@ -217,6 +305,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         results.append(r)
         if info.is_main:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak known)"
+            if "deepspeed_vs_plain" in r:
+                print(
+                    f"  plain PyTorch, same model and losses: {r['plain_torch_images_per_s']:.1f} "
+                    f"img/s; DeepSpeed/plain = {r['deepspeed_vs_plain']:.2f}x",
+                    flush=True,
+                )
             mem = f", peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else ""
             irm = f" + IRM ({r['irm_teacher']})" if r["irm_teacher"] else ""
             print(

@@ -180,6 +180,11 @@ def test_deepspeed_fragment_is_accepted(fragment):
         assert parsed.zero_optimization_stage == stage
         assert parsed.bfloat16_config.enabled == (precision == "bf16")
         assert parsed.train_batch_size == 32 and parsed.gradient_clipping == 1.0
+        # MAE does not clip: 0 must reach DeepSpeed, whose own default clips at 1.0
+        unclipped = DeepSpeedConfig(deepspeed_config(engine, 16, 1, OptimConfig(grad_clip=0.0)))
+        assert unclipped.gradient_clipping == 0.0
+        assert unclipped.zero_config.compute_grad_norm == (stage != 2)
+        assert parsed.zero_config.compute_grad_norm  # clipping needs the norm
         for key, value in data.get("zero_optimization", {}).items():
             field = key.removeprefix("stage3_")
             assert getattr(parsed.zero_config, field) == value, key

@@ -212,6 +212,7 @@ class FakeEngine:
         factor = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.accum, self.micro, self.applied = accum, 0, 0
+        self.module = torch.nn.ParameterList([self.w])
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -309,6 +310,24 @@ def test_nan_in_an_early_micro_batch_is_never_applied(fake_fit, tmp_path):
     assert f"Last good checkpoint: {good}" in str(err.value)
     assert (tmp_path / "checkpoints" / "latest").read_text() == good.name
     assert torch.isfinite(torch.load(good / "engine.pt", weights_only=False)["w"])
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(fake_fit, tmp_path):
+    """A finite loss can still have a non-finite gradient; no per-step check runs in bf16 (see
+    deepspeed_config), so the checkpoint is where such weights are stopped."""
+
+    class BlowsUp(FakeEngine):
+        def step(self) -> None:
+            super().step()
+            if self.applied == 2:
+                self.w.data.fill_(float("inf"))
+
+    with pytest.raises(FacemaeError, match="weights are not finite after step 2") as err:
+        fake_fit(BlowsUp(), max_steps=4, ckpt_every=1)
+    good = tmp_path / "checkpoints" / "step-00000001"
+    assert f"Last good checkpoint: {good}" in str(err.value)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == good.name
+    assert not (tmp_path / "checkpoints" / "step-00000002").exists()
 
 
 def test_head_gets_the_lr_of_the_step_and_logs_average_what_was_summed(fake_fit, tmp_path):
