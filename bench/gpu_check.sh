@@ -2,12 +2,14 @@
 # The prepared device check for a GPU machine (one call, ~4 minutes on an H100/H200):
 #   1. bf16 smoke runs of the real CLIs: shard synthetic faces, train a tiny recognizer, pretrain
 #      FaceMAE with IRM through it under DeepSpeed ZeRO-2, reconstruct the unseen split;
-#   2. throughput: ViT-B/8 and ViT-B/16 at 112 px, bf16, ZeRO-2, img/s per GPU and MFU, then both
-#      with IRM through a MobileFaceNet (the configs' teacher) and an iResNet-50 teacher: their
-#      img/s against the first run's is IRM's overhead on that GPU (bench/bench_zero.py).
+#   2. throughput: ViT-B/8 and ViT-B/16 at 112 px, bf16, ZeRO-2, 512 faces per GPU (and 128),
+#      img/s per GPU, MFU and the same model in plain PyTorch; then both with IRM through a
+#      MobileFaceNet (the configs' teacher) and an iResNet-50 teacher: their img/s against the
+#      first run's is IRM's overhead on that GPU (bench/bench_zero.py).
 # The GPU image has torch/timm/accelerate/rich but not deepspeed/webdataset/submitit: `make gpu-wheels`
 # here puts them into .whl/, which this script installs when it finds it (carry `.whl` to the device).
-# Results go to $OUT (default runs/gpu-check): zero*.json, the runs' logs, a pretraining grid.
+# Results go to $OUT (default runs/gpu-check): throughput.json, smoke.log, gpu.txt, metrics.jsonl and
+# a pretraining grid (few files: the device tool brings back at most 8).
 # Also runs on a CPU machine (fp32, micro-batches of 4) to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c 'import deepspeed, webdata
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
-  export DS_ACCELERATOR=cuda PREC=bf16 MICRO=128
+  export DS_ACCELERATOR=cuda PREC=bf16 MICRO=512  # the realistic configs' faces per GPU
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   fi
@@ -33,20 +35,22 @@ python3 -c 'import torch, timm, deepspeed, webdataset as wds
 print("torch", torch.__version__, "timm", timm.__version__, "deepspeed", deepspeed.__version__)' \
   | tee -a "$OUT/gpu.txt"
 W=/tmp/facemae-gpu-check
-rm -rf "$W"
+rm -rf "$W" && mkdir -p "$W"
 STEP_TIMEOUT=${STEP_TIMEOUT:-200}  # a hung step must not eat the device time of the others
 facemae() { python3 -m facemae_dist "$@"; }
 
 # A failing smoke step is recorded and the script goes on: the throughput runs must not be lost to it.
 failed=()
-smoke() {  # smoke NAME SUBCOMMAND ARGS...: run one `facemae` step, its log in $OUT/NAME.log
+smoke() {  # smoke NAME SUBCOMMAND ARGS...: run one `facemae` step, its log appended to smoke.log
   local name=$1
   shift
-  if ! timeout "$STEP_TIMEOUT" python3 -m facemae_dist "$@" >"$OUT/$name.log" 2>&1; then
+  echo "== $name: facemae $*" >>"$OUT/smoke.log"
+  if ! timeout "$STEP_TIMEOUT" python3 -m facemae_dist "$@" >"$W/$name.log" 2>&1; then
     failed+=("$name")
-    echo "SMOKE FAILED: $name (tail of $OUT/$name.log follows)"
+    echo "SMOKE FAILED: $name (tail of its log follows; all of it in $OUT/smoke.log)"
   fi
-  tail -n 3 "$OUT/$name.log"
+  cat "$W/$name.log" >>"$OUT/smoke.log"
+  tail -n 3 "$W/$name.log"
 }
 
 echo "== 1. smoke: shard -> train (teacher) -> pretrain (IRM, ZeRO-2, $PREC) -> reconstruct"
@@ -59,17 +63,23 @@ smoke pretrain pretrain --config configs/mae/tiny_cpu.yaml data.train="$W/shards
 smoke reconstruct reconstruct --model "$W/mae" "$W/shards/unseen" "$W/release"
 cp "$W"/mae/images/*.png "$W"/mae/metrics.jsonl "$OUT/" 2>/dev/null || true
 
-echo "== 2. throughput: bench/bench_zero.py"
-timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --json "$OUT/zero.json" \
-  ${QUICK:+--quick} || failed+=("bench_zero")
-if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ]; then  # B/16 at 112 px keeps 12 tokens: a larger batch
-  timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --micro-batch $((MICRO * 4)) --precision "$PREC" \
-    --json "$OUT/zero_mb$((MICRO * 4)).json" || failed+=("bench_zero micro-batch $((MICRO * 4))")
+echo "== 2. throughput: bench/bench_zero.py (same-run plain-PyTorch baseline)"
+bench() {  # bench NAME ARGS...: one bench_zero run, its results in $W/NAME.json
+  local name=$1
+  shift
+  timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --precision "$PREC" --json "$W/$name.json" \
+    ${QUICK:+--quick} "$@" || failed+=("bench_zero $*")
+}
+bench zero --micro-batch "$MICRO" --baseline
+if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ]; then  # host-bound at small batches: show by how much
+  bench zero_mb128 --micro-batch 128 --baseline
 fi
 for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
-  timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --micro-batch "$MICRO" --precision "$PREC" --irm "$teacher" \
-    --json "$OUT/zero_irm_$teacher.json" ${QUICK:+--quick} || failed+=("bench_zero --irm $teacher")
+  bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
 done
+# one file for all (the device tool brings back at most 8 files)
+python3 -c 'import json, sys; print(json.dumps([r for f in sys.argv[1:] for r in json.load(open(f))], indent=1))' \
+  "$W"/zero*.json >"$OUT/throughput.json" || true
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: FAILED steps: ${failed[*]}"
   exit 1

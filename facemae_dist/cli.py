@@ -264,7 +264,11 @@ def _add_study_commands(sub) -> None:
         "facemae demo --quick --out runs/demo",
         cmd_demo,
     )
-    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        help="run directory; run again on it to skip the finished stages (e.g. after a kill)",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller run for CI (minutes)")
     p.add_argument(
         "--seed",

@@ -121,6 +121,7 @@ class Demo:
             "--shuffle",  # batches must mix identities (IRM relates a batch's faces to each other)
             "--seed",
             str(self.seed),
+            "--resume",  # a demo run again after a kill keeps the verified shards
         ]
         self.facemae(
             "shard",
@@ -232,25 +233,70 @@ def _timed(name: str, fn: Callable, timings: dict):
     return result
 
 
+class StageJournal:
+    """RUN/stages.json: the demo's finished stages and their results, so `facemae demo` run again
+    on the same folder (after a kill, or to redo the report) skips them. An unfinished stage runs
+    again and continues from its own leftovers: shards resume, trainers resume from checkpoints,
+    reconstruction resumes from its plan."""
+
+    def __init__(self, out: Path, settings: dict) -> None:
+        self.path = out / "stages.json"
+        if self.path.is_file():
+            state = json.loads(self.path.read_text())
+            if state.get("settings") != settings:
+                raise FacemaeError(
+                    f"{out} holds a demo with other settings ({state.get('settings')}): run with "
+                    f"those, or choose another --out"
+                )
+            self.done: dict[str, dict] = state["done"]
+        elif out.is_dir() and any(out.iterdir()):
+            raise FacemaeError(
+                f"{out} is not empty and holds no demo of this version (no stages.json): "
+                "choose another --out or remove it"
+            )
+        else:
+            self.done = {}
+        self.settings = settings
+        out.mkdir(parents=True, exist_ok=True)
+        self._write()
+
+    def run(self, name: str, fn: Callable, timings: dict):
+        if name in self.done:
+            console.print(f"[bold]▶ {name}[/bold] finished in an earlier run: skipped")
+            timings[name] = self.done[name]["seconds"]
+            return self.done[name]["result"]
+        result = _timed(name, fn, timings)
+        self.done[name] = {"seconds": timings[name], "result": result}
+        self._write()
+        return result
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "done": self.done}, indent=1))
+        os.replace(tmp, self.path)
+
+
 def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
     """Steps 1–7 (see the module docstring); returns the report dict."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
-    demo, timings, start = Demo(out, size, seed=seed), {}, time.perf_counter()
-    _timed("1 synthesize + shard + pairs", demo.data, timings)
-    _timed(
+    demo, timings = Demo(out, size, seed=seed), {}
+    journal = StageJournal(out, {"size": asdict(size), "seed": seed, "mask_ratio": demo.mask_ratio})
+    journal.run("1 synthesize + shard + pairs", demo.data, timings)
+    journal.run(
         "2 teacher recognizer (seen ids)",
         lambda: demo.recognizer(out / "shards/train", out / "teacher", size.teacher_steps),
         timings,
     )
-    _timed("2b independent leakage auditor (seen ids)", demo.auditor, timings)
-    _timed("3a pretrain FaceMAE + IRM", lambda: demo.pretrain(out / "mae_irm", irm=True), timings)
-    _timed(
+    journal.run("2b independent leakage auditor (seen ids)", demo.auditor, timings)
+    journal.run(
+        "3a pretrain FaceMAE + IRM", lambda: demo.pretrain(out / "mae_irm", irm=True), timings
+    )
+    journal.run(
         "3b pretrain FaceMAE, MSE only", lambda: demo.pretrain(out / "mae_mse", irm=False), timings
     )
     rows = [
-        _timed(
+        journal.run(
             f"4-6 {m}: release, train, verify, audit",
             lambda m=m: demo.evaluate_method(m, "0.75"),
             timings,
@@ -259,13 +305,16 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
     ]
     from facemae_dist.report import write_demo_report
 
+    report_start = time.perf_counter()
+
     report = {
         "size": asdict(size),
         "mask_ratio": demo.mask_ratio,
         "seed": seed,
         "rows": add_error_reduction(rows),
         "timings_s": timings,
-        "total_s": round(time.perf_counter() - start, 1),
+        # stages skipped on a rerun count with their first run's time
+        "total_s": round(sum(timings.values()) + time.perf_counter() - report_start, 1),
         "machine": _machine(),
     }
     write_demo_report(report, out)

@@ -40,6 +40,16 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / picture).stat().st_size > 1000
     assert "| method |" in (out / "report.md").read_text()
 
+    # run again on the same folder: every stage is skipped, the report is the same
+    again = subprocess.run(
+        [str(BIN / "facemae"), "demo", "--quick", "--out", str(out), "--seed", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished in an earlier run: skipped") == 5 + len(METHODS)
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+
     # the sweep repeats release → train → verify → audit at another mask ratio on the same run
     swept = subprocess.run(
         [str(BIN / "facemae"), "sweep", "--out", str(out), "--mask-ratios", "0.9"],
@@ -89,3 +99,34 @@ def test_plot_leaves_out_points_without_a_leakage_value(tmp_path):
     assert measured(points) == {"measured": [(0.1, 0.7, "0.75")]}
     path = privacy_utility_plot(points, tmp_path / "plot.png", "t")
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_stage_journal_skips_finished_stages_and_refuses_other_settings(tmp_path):
+    from facemae_dist.demo import StageJournal
+    from facemae_dist.errors import FacemaeError
+
+    out, calls, timings = tmp_path / "demo", [], {}
+
+    def stage(name, fail=False):
+        def fn():
+            calls.append(name)
+            if fail:
+                raise RuntimeError("killed")
+            return {"row": name}
+
+        return fn
+
+    journal = StageJournal(out, {"seed": 0})
+    assert journal.run("a", stage("a"), timings) == {"row": "a"}
+    with pytest.raises(RuntimeError):
+        journal.run("b", stage("b", fail=True), timings)
+    journal = StageJournal(out, {"seed": 0})  # the rerun
+    assert journal.run("a", stage("a"), timings) == {"row": "a"}  # from the journal
+    assert journal.run("b", stage("b"), timings) == {"row": "b"}
+    assert calls == ["a", "b", "b"]
+    with pytest.raises(FacemaeError, match="holds a demo with other settings"):
+        StageJournal(out, {"seed": 1})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("")
+    with pytest.raises(FacemaeError, match="not empty and holds no demo"):
+        StageJournal(tmp_path / "other", {"seed": 0})
