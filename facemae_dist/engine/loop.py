@@ -485,7 +485,9 @@ class _Fit:
         """Whether every rank's weights (its ZeRO-3 partition) are finite: a finite loss can still
         have non-finite gradients, and no check runs per step (see deepspeed_config)."""
         params = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
-        ok = torch.stack([torch.isfinite(p).all() for p in params if p.numel()]).all().float()
+        checks = [torch.isfinite(p).all() for p in params if p.numel()]  # ZeRO-3: may be none
+        device = params[0].device if params else torch.device("cpu")
+        ok = torch.stack(checks).all().float() if checks else torch.ones((), device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         return bool(ok.item() > 0)
