@@ -49,7 +49,7 @@ def test_bench_zero_runs_deepspeed_on_cpu(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
     cmd = [sys.executable, str(ROOT / "bench" / "bench_zero.py"), "--quick", "--irm", "tiny"]
-    cmd += ["--peak-tflops", "0.5", "--json", str(out)]
+    cmd += ["--peak-tflops", "0.5", "--json", str(out), "--baseline", "--profile", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = json.loads(out.read_text())
@@ -58,3 +58,10 @@ def test_bench_zero_runs_deepspeed_on_cpu(tmp_path: Path) -> None:
     assert r["images_per_s_per_device"] > 0 and r["gflop_per_image"] > 0
     assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 0.5)
     assert "img/s per device" in proc.stdout and "MFU" in proc.stdout
+    assert r["deepspeed_config"] == "configs/deepspeed/zero2.json"  # what the configs run
+    assert r["plain_torch_images_per_s"] > 0  # the same-run baseline
+    assert r["deepspeed_vs_plain"] == pytest.approx(
+        r["images_per_s_per_device"] / r["plain_torch_images_per_s"]
+    )
+    table = (tmp_path / "profile_facemae_vit_micro_patch16_112.txt").read_text()
+    assert "top operators by self CPU time" in table and "aten::" in table
