@@ -157,7 +157,8 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     sync()
     seconds = time.perf_counter() - start
     if args.profile:
-        profile_steps(train_step, device, args.profile / f"profile_{name}.txt")
+        tag = f"{name}_irm_{args.irm}" if args.irm else name
+        profile_steps(train_step, device, args.profile / f"profile_{tag}.txt", info.is_main)
     loss = float(losses["loss"].detach().float())
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"{name}: non-finite loss {loss} in the benchmark")
@@ -235,8 +236,9 @@ def plain_torch_rate(
     return args.micro_batch * args.steps / (time.perf_counter() - start)
 
 
-def profile_steps(step, device: torch.device, path: Path, steps: int = 5) -> None:
-    """torch.profiler over ``steps`` training steps: where the step's time goes, host and device."""
+def profile_steps(step, device: torch.device, path: Path, write: bool, steps: int = 5) -> None:
+    """torch.profiler over ``steps`` training steps: where the step's time goes, host and device.
+    Every rank profiles (the steps are collective); only ``write`` ranks write the table."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -247,6 +249,8 @@ def profile_steps(step, device: torch.device, path: Path, steps: int = 5) -> Non
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    if not write:
+        return
     table = prof.key_averages()
     sections = [("self CPU time", "self_cpu_time_total")]
     if device.type == "cuda":
@@ -320,8 +324,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu}{mem}",
                 flush=True,
             )
-    if info.is_main and args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            if args.json:  # after each model: a later one running out of memory loses nothing
+                args.json.write_text(json.dumps(results, indent=1))
     dist.shutdown()
     return results
 

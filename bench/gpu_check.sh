@@ -78,8 +78,16 @@ for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavi
   bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
 done
 # one file for all (the device tool brings back at most 8 files)
-python3 -c 'import json, sys; print(json.dumps([r for f in sys.argv[1:] for r in json.load(open(f))], indent=1))' \
-  "$W"/zero*.json >"$OUT/throughput.json" || true
+python3 - "$W"/zero*.json >"$OUT/throughput.json" <<'EOF' || true
+import json, sys
+rows = []
+for name in sys.argv[1:]:
+    try:
+        rows += json.load(open(name))
+    except (OSError, ValueError):  # a bench killed while writing: keep the others
+        print(f"skipped unreadable {name}", file=sys.stderr)
+print(json.dumps(rows, indent=1))
+EOF
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: FAILED steps: ${failed[*]}"
   exit 1

@@ -63,5 +63,5 @@ def test_bench_zero_runs_deepspeed_on_cpu(tmp_path: Path) -> None:
     assert r["deepspeed_vs_plain"] == pytest.approx(
         r["images_per_s_per_device"] / r["plain_torch_images_per_s"]
     )
-    table = (tmp_path / "profile_facemae_vit_micro_patch16_112.txt").read_text()
+    table = (tmp_path / "profile_facemae_vit_micro_patch16_112_irm_tiny.txt").read_text()
     assert "top operators by self CPU time" in table and "aten::" in table

@@ -198,6 +198,45 @@ def test_deepspeed_config_is_found_from_any_working_directory(tmp_path, monkeypa
             )
         )
     assert EngineConfig().deepspeed_config is None
+    # keys the toolkit derives itself are refused with the config key to use instead
+    (tmp_path / "clips.json").write_text('{"gradient_clipping": 1.0, "bf16": {"enabled": true}}')
+    with pytest.raises(FacemaeError, match=r"bf16, gradient_clipping.*gradient_clipping → optim"):
+        deepspeed_config(EngineConfig(deepspeed_config="clips.json"), 8, 1, cfg.optim)
+    # no unused gradient norm at ZeRO-2, unless a fragment offloads the optimizer (DeepSpeed needs it)
+    (tmp_path / "offload.json").write_text('{"zero_optimization": {"offload_optimizer": {}}}')
+    for fragment, skips in (("offload.json", False), (None, True)):
+        engine = EngineConfig(zero_stage=2, deepspeed_config=fragment)
+        zero = deepspeed_config(engine, 8, 1, OptimConfig(grad_clip=0.0))["zero_optimization"]
+        assert zero.get("compute_grad_norm", True) is not skips
+
+
+def _resume_with_other_clipping(rank: int, world: int, root: str) -> list[float]:
+    """Save a ZeRO-2 engine with clipping 1.0 / 0, load each into an engine with the other."""
+    from facemae_dist.engine import checkpoint
+    from facemae_dist.engine.loop import EngineConfig, build_engine
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # for DeepSpeed
+    clips = []
+    for saved, resumed in ((1.0, 0.0), (0.0, 1.0)):
+        engines = []
+        for clip in (saved, resumed):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            optim = OptimConfig(grad_clip=clip, warmup_steps=1)
+            engines.append(build_engine(model, optim, EngineConfig(zero_stage=2), 2, 4, 4))
+        folder = checkpoint.save(engines[0], Path(root) / f"clip{saved}", 1, {}, keep_last=1)
+        checkpoint.load(engines[1], folder)
+        clips.append(engines[1].optimizer.clip_grad)
+    return clips
+
+
+def test_resume_uses_this_runs_grad_clip_not_the_checkpoints(tmp_path):
+    """DeepSpeed restores the saved clipping and refuses a clipped checkpoint in a run that skips
+    the gradient norm; "set optim.grad_clip, then resume" (the NaN error's advice) must work."""
+    from distributed import run_ranks
+
+    (clips,) = run_ranks(_resume_with_other_clipping, str(tmp_path), world=1)
+    assert clips == [0.0, 1.0]
 
 
 # ---------------------------------------------------------------- the fit loop on fakes
@@ -213,6 +252,10 @@ class FakeEngine:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.accum, self.micro, self.applied = accum, 0, 0
         self.module = torch.nn.ParameterList([self.w])
+        self.optimizer = self.opt
+
+    def gradient_clipping(self) -> float:
+        return 0.0
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -106,12 +106,30 @@ def latest(root: Path) -> Path | None:
 
 
 def load(engine, path: Path) -> list[dict[str, Any]]:
-    """Restore engine (model, optimizer, scheduler); return every saved rank's own state."""
-    loaded, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    """Restore engine (model, optimizer, scheduler); return every saved rank's own state.
+
+    The run's own `optim.grad_clip` wins over the checkpoint's: DeepSpeed's ZeRO optimizers restore
+    the saved clipping (so "set optim.grad_clip, then resume" did nothing) and refuse a checkpoint
+    saved with clipping when this run skips the gradient norm (see loop.deepspeed_config)."""
+    optimizer = engine.optimizer
+    clip = engine.gradient_clipping()
+    skips_norm = getattr(optimizer, "compute_grad_norm", None) is False
+    if skips_norm:
+        optimizer.compute_grad_norm = True
+    try:
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    finally:
+        if skips_norm:
+            optimizer.compute_grad_norm = False
     if loaded is None:
         raise FacemaeError(f"cannot load checkpoint {path}: DeepSpeed found no engine state in it")
+    if hasattr(optimizer, "clip_grad"):
+        optimizer.clip_grad = clip
     return load_rank_states(path)
 
 

@@ -156,7 +156,27 @@ def deepspeed_fragment(value: str) -> dict[str, Any]:
     extra = read_json(found, "engine.deepspeed_config", "fix the file or remove the key")
     if not isinstance(extra, dict):
         raise FacemaeError(f"engine.deepspeed_config {found}: expected a JSON object {{...}}")
+    owned = sorted(set(extra) & set(_OWNED_BY_CONFIG))
+    if owned:
+        fixes = "; ".join(f"{key} → {_OWNED_BY_CONFIG[key]}" for key in owned)
+        raise FacemaeError(
+            f"engine.deepspeed_config {found} sets {', '.join(owned)}, which the toolkit derives "
+            f"from its own config: remove them from the JSON and set instead {fixes}"
+        )
     return extra
+
+
+# DeepSpeed keys the toolkit writes itself, and the config key that sets each
+_OWNED_BY_CONFIG = {
+    "train_micro_batch_size_per_gpu": "data.global_batch",
+    "gradient_accumulation_steps": "engine.grad_accum",
+    "optimizer": "optim.optimizer",
+    "scheduler": "optim.schedule",
+    "gradient_clipping": "optim.grad_clip",
+    "fp16": "engine.precision",
+    "bf16": "engine.precision",
+    "amp": "engine.precision",
+}
 
 
 def micro_batch(data: DataConfig, engine: EngineConfig, world_size: int) -> int:
@@ -250,9 +270,9 @@ def deepspeed_config(
         "gradient_accumulation_steps": engine.grad_accum,
         "train_batch_size": micro_batch * engine.grad_accum * world,
         "zero_optimization": {"stage": engine.zero_stage},
-        # bf16 has fp32's exponent range, so (as DeepSpeed already does for fp32) no per-tensor
-        # overflow check: on an H200 it cost ~7 kernel launches per parameter tensor per step
-        # (a third of a ViT-B/16 step at micro-batch 128). The fit loop stops on a non-finite loss
+        # bf16 has fp32's exponent range, so no per-tensor overflow check (DeepSpeed runs none in
+        # fp32 either): on an H200 it cost ~7 kernel launches per parameter tensor per step (a
+        # third of a ViT-B/16 step at micro-batch 128). The fit loop stops on a non-finite loss
         # before the update and checkpoints only finite weights.
         "bf16": {"enabled": engine.precision == "bf16", "check_grad_overflow": False},
         # always written: DeepSpeed's own default clips at 1.0 (0 disables)
@@ -263,10 +283,6 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "zero_allow_untested_optimizer": True,
     }
-    if optim.grad_clip == 0 and engine.zero_stage == 2:
-        # nothing clips, so the global gradient norm (one more pass over every tensor) is unused;
-        # DeepSpeed allows skipping it at stage 2 (at stage 1 not with bf16 weights)
-        cfg["zero_optimization"]["compute_grad_norm"] = False
     if engine.deepspeed_config:
         extra = deepspeed_fragment(engine.deepspeed_config)
         extra.pop("train_batch_size", None)  # always derived from the run's batch and world size
@@ -275,6 +291,12 @@ def deepspeed_config(
             **extra,
             "zero_optimization": {**cfg["zero_optimization"], **extra.get("zero_optimization", {})},
         }
+    zero = cfg["zero_optimization"]
+    if optim.grad_clip == 0 and engine.zero_stage == 2 and "offload_optimizer" not in zero:
+        # nothing clips, so the global gradient norm (one more pass over every tensor) is unused;
+        # DeepSpeed allows skipping it at stage 2 without optimizer offload (at stage 1 not with
+        # bf16 weights). checkpoint.load lets such a run resume a checkpoint saved with clipping.
+        zero.setdefault("compute_grad_norm", False)
     return cfg
 
 
@@ -486,8 +508,9 @@ class _Fit:
         have non-finite gradients, and no check runs per step (see deepspeed_config)."""
         params = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
         checks = [torch.isfinite(p).all() for p in params if p.numel()]  # ZeRO-3: may be none
-        device = params[0].device if params else torch.device("cpu")
-        ok = torch.stack(checks).all().float() if checks else torch.ones((), device=device)
+        ok = torch.stack(checks).all().float() if checks else torch.ones(())
+        # the rank's own device for the collective (ZeRO-3 offload keeps partitions on the CPU)
+        ok = ok.to(getattr(self.engine, "device", ok.device))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         return bool(ok.item() > 0)
