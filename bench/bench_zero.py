@@ -127,6 +127,8 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     model = build_model(cfg.model)
     total = args.warmup + args.steps
     engine = build_engine(model, cfg.optim, cfg.engine, args.micro_batch, total, total)
+    if args.compile:  # compiled in the warm-up steps; the toolkit's trainers run eager
+        engine.compile()
     irm = None
     if args.irm:
         bf16 = torch.bfloat16 if args.precision == "bf16" else None
@@ -184,6 +186,7 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         ),
+        "compiled": args.compile,
         "last_loss": loss,
     }
     if args.baseline:
@@ -289,6 +292,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline", action="store_true", help="also time the model in plain PyTorch (one device)"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (DeepSpeed's engine.compile): fewer kernel launches where the "
+        "step is bound by the host; not used by the trainers (unmeasured on GPUs so far)",
+    )
     p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler tables here")
     p.add_argument("--quick", action="store_true", help="micro model, 3 steps (a smoke run)")
     return p
@@ -317,6 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 )
             mem = f", peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else ""
             irm = f" + IRM ({r['irm_teacher']})" if r["irm_teacher"] else ""
+            irm += ", compiled" if r["compiled"] else ""
             print(
                 f"{name}{irm}: {r['images_per_s_per_device']:.1f} img/s per device on "
                 f"{r['world_size']} x {r['device']} (ZeRO-{r['zero_stage']}, {r['precision']}, "

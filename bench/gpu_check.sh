@@ -73,6 +73,8 @@ bench() {  # bench NAME ARGS...: one bench_zero run, its results in $W/NAME.json
 bench zero --micro-batch "$MICRO" --baseline
 if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ]; then  # host-bound at small batches: show by how much
   bench zero_mb128 --micro-batch 128 --baseline
+  # compilation against the host-bound case (B/16 at 128 faces): a lead for the trainers
+  bench zero_mb128_compiled --micro-batch 128 --compile --model facemae_vit_base_patch16_112
 fi
 for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
   bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
