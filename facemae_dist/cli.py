@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -215,9 +216,24 @@ def _close_process_group() -> None:
         dist.shutdown()
 
 
-def run_entry(name: str, fn: Callable[[], object]) -> None:
-    """Module entry points (`python -m facemae_dist.<stage>`): same error handling as the CLI."""
-    sys.exit(_guarded(name, fn))
+def run_entry(name: str, fn: Callable[[], object], hard_exit: bool = True) -> None:
+    """Module entry points (`python -m facemae_dist.<stage>`, what torchrun, accelerate and srun
+    start): same error handling as the CLI. A stage that returned (or exited with a code, e.g. 75
+    after a stop signal) leaves through os._exit once its output is flushed: C++ exit-time
+    destructors of DeepSpeed/gloo state still alive after the process group is destroyed aborted
+    about one finished 2-process run in six ("terminate called without an active exception", exit
+    -6), failing a job that had written everything. Every file the stages write is closed by then."""
+    if not hard_exit:  # e.g. submit: submitit may clean up its local jobs at exit
+        sys.exit(_guarded(name, fn))
+    try:
+        code = _guarded(name, fn)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -335,4 +335,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     from facemae_dist.cli import run_entry
 
-    run_entry("submit", main)
+    run_entry("submit", main, hard_exit=False)
