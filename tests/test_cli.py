@@ -175,3 +175,25 @@ def test_rendezvous_ports_agree_and_keep_out_of_the_ephemeral_range():
                 port = dist.job_port(job, restart)
                 assert 15000 <= port <= 29000 and port != dist.DEFAULT_PORT
                 assert ports.setdefault(port, job) == job, (job, restart, ports[port])
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "printed"),
+    [
+        ("print('written')", 0, "written"),
+        ("sys.exit(75)", 75, ""),  # a stop signal's checkpoint-and-exit code reaches the launcher
+        ("raise FacemaeError('bad input')", 2, "facemae x: error: bad input"),
+    ],
+)
+def test_module_entry_points_exit_with_the_stages_code_and_flushed_output(body, code, printed):
+    """run_entry leaves through os._exit (exit-time C++ destructors aborted finished runs): the
+    exit code and everything printed must still arrive."""
+    script = (
+        "import sys\nfrom facemae_dist.cli import run_entry\n"
+        "from facemae_dist.errors import FacemaeError\n"
+        f"def stage():\n    {body}\n"
+        "run_entry('x', stage)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    assert printed in done.stdout + done.stderr
