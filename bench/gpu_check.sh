@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared device check for a GPU machine (one call, ~4 minutes on an H100/H200):
+# The prepared device check for a GPU machine (one call, ~6-7 minutes on an H100/H200; 262 s on an
+# H200 before the 128-face, baseline and compile runs were added):
 #   1. bf16 smoke runs of the real CLIs: shard synthetic faces, train a tiny recognizer, pretrain
 #      FaceMAE with IRM through it under DeepSpeed ZeRO-2, reconstruct the unseen split;
 #   2. throughput: ViT-B/8 and ViT-B/16 at 112 px, bf16, ZeRO-2, 512 faces per GPU (and 128),
