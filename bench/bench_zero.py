@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,6 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     gen = torch.Generator(device=device).manual_seed(info.rank)
     batch = {"image": torch.randn(args.micro_batch, 3, 112, 112, generator=gen, device=device)}
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -150,14 +147,7 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
         engine.step()
         return losses
 
-    for step in range(total):
-        if step == args.warmup:
-            sync()
-            dist.barrier()
-            start = time.perf_counter()
-        losses = train_step()
-    sync()
-    seconds = time.perf_counter() - start
+    seconds, losses = timed_steps(train_step, args.warmup, args.steps, device)
     if args.profile:
         tag = f"{name}_irm_{args.irm}" if args.irm else name
         profile_steps(train_step, device, args.profile / f"profile_{tag}.txt", info.is_main)
@@ -225,18 +215,33 @@ def plain_torch_rate(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     task = MAETask(cfg, irm, device, 0)
     batch = {"image": torch.randn(args.micro_batch, 3, 112, 112, device=device)}
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        loss = task.losses(engine, batch)["loss"]
-        loss.backward()
+
+    def train_step() -> None:
+        task.losses(engine, batch)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    seconds, _ = timed_steps(train_step, args.warmup, args.steps, device)
+    return args.micro_batch * args.steps / seconds
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return args.micro_batch * args.steps / (time.perf_counter() - start)
+
+
+def timed_steps(step: Callable[[], Any], warmup: int, steps: int, device: torch.device):
+    """(seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones, the last result);
+    every rank starts the clock together."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    dist.barrier()
+    start, result = time.perf_counter(), None
+    for _ in range(steps):
+        result = step()
+    sync(device)
+    return time.perf_counter() - start, result
 
 
 def profile_steps(step, device: torch.device, path: Path, write: bool, steps: int = 5) -> None:
@@ -250,8 +255,7 @@ def profile_steps(step, device: torch.device, path: Path, write: bool, steps: in
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
     if not write:
         return
     table = prof.key_averages()

@@ -207,9 +207,9 @@ def _guarded(name: str, fn: Callable[[], object]) -> int:
 
 
 def _close_process_group() -> None:
-    """Destroy a process group the stage started, while the interpreter is still whole: left to
-    exit-time destructors, gloo's threads sometimes abort the process ("terminate called without an
-    active exception", exit -6) after a run that finished."""
+    """Destroy a process group the stage started, while the interpreter is still whole (left to
+    exit-time destructors, gloo's threads can abort a finished run; module entry points also skip
+    those destructors, see :func:`run_entry`)."""
     if "torch.distributed" in sys.modules:
         from facemae_dist import dist
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facemae_dist.config import read_json
 from facemae_dist.errors import FacemaeError
 from facemae_dist.progress import console
 
@@ -245,7 +246,9 @@ class StageJournal:
     def __init__(self, out: Path, settings: dict) -> None:
         self.path = out / "stages.json"
         if self.path.is_file():
-            state = json.loads(self.path.read_text())
+            state = read_json(
+                self.path, "demo journal", f"remove {self.path} to run every stage again"
+            )
             if state.get("settings") != settings:
                 raise FacemaeError(
                     f"{out} holds a demo with other settings ({state.get('settings')}): run with "
@@ -309,7 +312,6 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
     from facemae_dist.report import write_demo_report
 
     report_start = time.perf_counter()
-
     report = {
         "size": asdict(size),
         "mask_ratio": demo.mask_ratio,

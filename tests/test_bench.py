@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from facemae_dist.demo import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +45,8 @@ def test_flops_count_masked_encoder_and_teacher() -> None:
 
 def test_bench_zero_runs_deepspeed_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "zero.json"
-    with socket.socket() as sock:  # a free port: the process group of a plain run binds one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
+    # a free port: the process group of a plain run binds one
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, str(ROOT / "bench" / "bench_zero.py"), "--quick", "--irm", "tiny"]
     cmd += ["--peak-tflops", "0.5", "--json", str(out), "--baseline", "--profile", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -72,10 +71,7 @@ def test_bench_zero_compiles_the_deepspeed_engine(tmp_path: Path) -> None:
     results = {}
     for flags in ([], ["--compile"]):
         out = tmp_path / f"zero{len(flags)}.json"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
         cmd = [sys.executable, str(ROOT / "bench" / "bench_zero.py"), "--quick", *flags]
         proc = subprocess.run(cmd + ["--json", str(out)], env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -131,3 +131,6 @@ def test_stage_journal_skips_finished_stages_and_refuses_other_settings(tmp_path
     (tmp_path / "other" / "x").write_text("")
     with pytest.raises(FacemaeError, match="not empty and holds no demo"):
         StageJournal(tmp_path / "other", {"seed": 0})
+    (out / "stages.json").write_text("{")  # damaged by hand: named, with the fix
+    with pytest.raises(FacemaeError, match="stages.json is not valid JSON.*remove"):
+        StageJournal(out, {"seed": 0})
