@@ -11,6 +11,7 @@
 # here puts them into .whl/, which this script installs when it finds it (carry `.whl` to the device).
 # Results go to $OUT (default runs/gpu-check): throughput.json, smoke.log, gpu.txt, metrics.jsonl and
 # a pretraining grid (few files: the device tool brings back at most 8).
+# ZERO_SWEEP=1 adds ViT-B/16 under other DeepSpeed settings (overlap_comm off, ZeRO-1, ZeRO-0).
 # Also runs on a CPU machine (fp32, micro-batches of 4) to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,17 @@ fi
 for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
   bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
 done
+if [ -n "${ZERO_SWEEP:-}" ]; then  # ~1.5 min more: where ZeRO-2's fixed per-step cost comes from
+  # On the H200 DeepSpeed ran ViT-B/16 at 0.52x plain PyTorch (512 faces), a fixed ~35 ms per step;
+  # on the CPU its host-side hooks cost ~4 ms. Suspects: overlap_comm's full device synchronize
+  # before every gradient bucket and after backward (stage_1_and_2.py), then the stage itself.
+  python3 -c 'import json, sys; c = json.load(open("configs/deepspeed/zero2.json"))
+c["zero_optimization"]["overlap_comm"] = False; json.dump(c, open(sys.argv[1], "w"))' "$W/no_overlap.json"
+  B16=(--micro-batch "$MICRO" --model facemae_vit_base_patch16_112)
+  bench zero_sweep_no_overlap "${B16[@]}" --deepspeed-config "$W/no_overlap.json"
+  bench zero_sweep_stage1 "${B16[@]}" --zero 1
+  bench zero_sweep_stage0 "${B16[@]}" --zero 0
+fi
 # one file for all (the device tool brings back at most 8 files)
 python3 - "$W"/zero*.json >"$OUT/throughput.json" <<'EOF' || true
 import json, sys
