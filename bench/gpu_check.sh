@@ -11,7 +11,8 @@
 # here puts them into .whl/, which this script installs when it finds it (carry `.whl` to the device).
 # Results go to $OUT (default runs/gpu-check): throughput.json, smoke.log, gpu.txt, metrics.jsonl and
 # a pretraining grid (few files: the device tool brings back at most 8).
-# ZERO_SWEEP=1 adds ViT-B/16 under other DeepSpeed settings (overlap_comm off, ZeRO-1, ZeRO-0).
+# ZERO_SWEEP=1 adds ViT-B/16 under other DeepSpeed settings (overlap_comm off, ZeRO-1, ZeRO-0)
+# and a profile of the default (~2 min more).
 # Also runs on a CPU machine (fp32, micro-batches of 4) to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,13 +82,15 @@ fi
 for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
   bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
 done
-if [ -n "${ZERO_SWEEP:-}" ]; then  # ~1.5 min more: where ZeRO-2's fixed per-step cost comes from
+if [ -n "${ZERO_SWEEP:-}" ]; then  # where ZeRO-2's fixed per-step cost comes from
   # On the H200 DeepSpeed ran ViT-B/16 at 0.52x plain PyTorch (512 faces), a fixed ~35 ms per step;
   # on the CPU its host-side hooks cost ~4 ms. Suspects: overlap_comm's full device synchronize
   # before every gradient bucket and after backward (stage_1_and_2.py), then the stage itself.
   python3 -c 'import json, sys; c = json.load(open("configs/deepspeed/zero2.json"))
 c["zero_optimization"]["overlap_comm"] = False; json.dump(c, open(sys.argv[1], "w"))' "$W/no_overlap.json"
   B16=(--micro-batch "$MICRO" --model facemae_vit_base_patch16_112)
+  # the default again, in the same stretch, with a profile: synchronize calls show in its CPU table
+  bench zero_sweep_default "${B16[@]}" --profile "$OUT"
   bench zero_sweep_no_overlap "${B16[@]}" --deepspeed-config "$W/no_overlap.json"
   bench zero_sweep_stage1 "${B16[@]}" --zero 1
   bench zero_sweep_stage0 "${B16[@]}" --zero 0
