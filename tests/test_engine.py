@@ -98,6 +98,22 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert not (out / "facemae.safetensors").exists()  # no export of a broken model
 
 
+def test_drop_path_model_exports_and_draws_its_grid(tmp_path):
+    """With drop-path the engine's model must be compared with its reload in eval mode (in training
+    mode each forward drops other paths: the export check failed every such run at its very end)."""
+    shard_dataset(SyntheticSource.from_spec("8x8:1"), tmp_path / "s", ShardOptions(progress=False))
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "facemae"), "pretrain", "--config", str(REPO / "configs/mae/tiny_cpu.yaml"),
+        f"data.train={tmp_path / 's/train'}", f"run.out_dir={out}", "run.max_steps=2",
+        "data.global_batch=8", "model.kwargs.drop_path_rate=0.5", "run.image_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "export.json").read_text())["max_abs_diff"] < 1e-5
+
+
 def test_bf16_runs_for_both_trainers(tmp_path):
     """bf16 on the CPU: DeepSpeed casts weights, the toolkit casts inputs and buffers to match."""
     from facemae_dist.eval.verification import make_pairs

@@ -58,6 +58,17 @@ def test_resume_skips_exactly_the_batches_already_seen(sharded_split, workers, s
     assert keys_of(make_loader(stream, workers)) != full  # reshuffled per epoch
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_starting_an_epoch_leaves_the_global_generator_alone(sharded_split, workers):
+    """A resumed run restores torch's global RNG, then starts its epoch: if the loader drew from it,
+    every dropout/drop-path mask after a mid-epoch resume would differ from the uninterrupted run."""
+    stream = FaceStream(sharded_split, 3, seed=5)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(iter(make_loader(stream, workers)))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_truncated_shard_is_named_or_skipped(sharded_split):
     shard = sharded_split / "faces-000003.tar"
     shard.write_bytes(shard.read_bytes()[:4000])

@@ -346,5 +346,8 @@ def make_loader(stream: FaceStream, num_workers: int = 0, prefetch_factor: int =
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
+        # each new iterator draws a base seed; from torch's global generator it would shift the
+        # dropout/drop-path draws of a run resumed mid-epoch (the stream seeds itself anyway)
+        generator=torch.Generator(),
         **kwargs,
     )

@@ -9,11 +9,13 @@ a clear stop on a non-finite loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -402,6 +404,18 @@ class Logger:
 # ---------------------------------------------------------------- the loop
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode inside the block (no dropout or drop-path, BatchNorm on its running
+    statistics), back in its previous mode after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def _rank_state(state: FitState, task: Task) -> dict[str, Any]:
     return {
         "step": state.step,
@@ -421,6 +435,8 @@ def _resume(engine, task: Task, ckpt_root: Path, seed: int) -> FitState:
     saved = states[info.rank % len(states)]  # step and position are the same on every rank
     if len(states) == info.world_size:  # RNG streams are per rank: only restorable 1:1
         checkpoint.set_rng_state(saved["rng"])
+    else:  # fresh per-rank streams (else every rank would draw the same dropout/drop-path masks)
+        torch.manual_seed(seed + info.rank + 100_003 * saved["step"])
     task.load_rank_states([s["task"] for s in states])
     if dist.detect().is_main:
         print(f"resumed from {path} (step {saved['step']})", flush=True)

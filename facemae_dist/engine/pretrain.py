@@ -24,6 +24,7 @@ from facemae_dist.engine.loop import (
     EngineConfig,
     OptimConfig,
     RunConfig,
+    eval_mode,
     fit,
     micro_batch,
     start_run,
@@ -205,9 +206,9 @@ class MAETask:
 
         images = batch["image"][:8].to(self.device, self.dtype)
         gen = torch.Generator(device=self.device).manual_seed(0)
-        with torch.no_grad():
-            recon, mask = engine.module.reconstruct(images, self.cfg.model.mask_ratio, gen)
-            masked = engine.module.masked_images(images, mask)
+        with torch.no_grad(), eval_mode(engine.module) as module:
+            recon, mask = module.reconstruct(images, self.cfg.model.mask_ratio, gen)
+            masked = module.masked_images(images, mask)
         if dist.detect().is_main:
             rows = [images.float(), masked.float(), recon.float()]
             save_grid(rows, path, ["original", "masked", "reconstructed"])
@@ -251,8 +252,9 @@ def verify_export(engine, run_dir: Path, cfg: PretrainConfig, device: torch.devi
     gen = torch.Generator().manual_seed(0)
     masking = engine.module.random_masking(2, cfg.model.mask_ratio, gen)
     dtype = next(engine.module.parameters()).dtype
-    with torch.no_grad(), checkpoint.gathered(engine, cfg.engine.zero_stage):
-        ref = engine.module(probe.to(device, dtype), masking=masking).pred.float().cpu()
+    gathered = checkpoint.gathered(engine, cfg.engine.zero_stage)
+    with torch.no_grad(), gathered, eval_mode(engine.module) as module:  # as the reload (drop-path)
+        ref = module(probe.to(device, dtype), masking=masking).pred.float().cpu()
     diff = 0.0
     if dist.detect().is_main:
         plain = load_facemae(run_dir)

@@ -27,6 +27,7 @@ from facemae_dist.engine.loop import (
     EngineConfig,
     OptimConfig,
     RunConfig,
+    eval_mode,
     fit,
     micro_batch,
     start_run,
@@ -183,14 +184,12 @@ class RecogTask:
         from facemae_dist.eval.verification import verify_pair_set
 
         self.pair_sets = self.pair_sets or [load_pair_set(p) for p in self.cfg.eval.pairs]
-        module = self.engine.module
-        module.eval()
-        with checkpoint.gathered(self.engine, self.cfg.engine.zero_stage):
+        gathered = checkpoint.gathered(self.engine, self.cfg.engine.zero_stage)
+        with gathered, eval_mode(self.engine.module) as module:
             results = [
                 verify_pair_set(module, ps, self.cfg.eval.batch_size, self.device)
                 for ps in self.pair_sets
             ]
-        module.train()
         record = {
             "step": step,
             **{r.name: {"acc": r.accuracy, "std": r.std, "tar@far": r.tar_at_far} for r in results},
