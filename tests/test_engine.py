@@ -114,6 +114,46 @@ def test_drop_path_model_exports_and_draws_its_grid(tmp_path):
     assert json.loads((out / "export.json").read_text())["max_abs_diff"] < 1e-5
 
 
+def test_a_run_folder_keeps_its_record_when_a_resume_changes_settings(tmp_path):
+    """Resuming with other steps or clipping goes on and keeps the old config on record; another
+    architecture, or (recognition) data with other classes, is refused in one line and leaves the
+    folder's config.yaml as it was."""
+    shard_dataset(SyntheticSource.from_spec("8x8:1"), tmp_path / "s", ShardOptions(progress=False))
+    shard_dataset(SyntheticSource.from_spec("6x8:2"), tmp_path / "t", ShardOptions(progress=False))
+    facemae = str(Path(sys.executable).parent / "facemae")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+    def run(stage: str, config: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [facemae, stage, "--config", str(REPO / config), f"run.out_dir={out}",
+               "data.global_batch=8", *extra]  # fmt: skip
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    mae, data = tmp_path / "mae", f"data.train={tmp_path / 's/train'}"
+    assert (
+        run("pretrain", "configs/mae/tiny_cpu.yaml", mae, data, "run.max_steps=2").returncode == 0
+    )
+    done = run("pretrain", "configs/mae/tiny_cpu.yaml", mae, data, "run.max_steps=3",
+               "optim.grad_clip=0.5")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming with changed settings: optim.grad_clip 0.0 -> 0.5; run.max_steps 2 -> 3" in (
+        done.stdout
+    )
+    assert "max_steps: 2" in (mae / "config.until-step-00000002.yaml").read_text()
+    before = (mae / "config.yaml").read_text()
+    done = run("pretrain", "configs/mae/tiny_cpu.yaml", mae, data, "model.kwargs.decoder_depth=1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "model.kwargs.decoder_depth" in done.stderr and "run.resume=false" in done.stderr
+    assert (mae / "config.yaml").read_text() == before
+
+    recog = tmp_path / "recog"
+    common = ("run.max_steps=2", "eval.pairs=[]", "export_onnx=false")
+    assert run("train", "configs/recog/tiny_cpu.yaml", recog, data, *common).returncode == 0
+    other = f"data.train={tmp_path / 't/train'}"
+    done = run("train", "configs/recog/tiny_cpu.yaml", recog, other, *common)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "cannot resume from" in done.stderr and "choose another run.out_dir" in done.stderr
+
+
 def test_bf16_runs_for_both_trainers(tmp_path):
     """bf16 on the CPU: DeepSpeed casts weights, the toolkit casts inputs and buffers to match."""
     from facemae_dist.eval.verification import make_pairs

@@ -123,6 +123,8 @@ def load(engine, path: Path) -> list[dict[str, Any]]:
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
+    except RuntimeError as err:  # e.g. tensors of other shapes
+        raise other_settings(path, err) from None
     finally:
         if skips_norm:
             optimizer.compute_grad_norm = False
@@ -131,6 +133,15 @@ def load(engine, path: Path) -> list[dict[str, Any]]:
     if hasattr(optimizer, "clip_grad"):
         optimizer.clip_grad = clip
     return load_rank_states(path)
+
+
+def other_settings(path: Path, err: Exception) -> FacemaeError:
+    """The error for a checkpoint that does not fit this run's model or data."""
+    reason = str(err).strip().splitlines()[-1][:300]
+    return FacemaeError(
+        f"cannot resume from {path}: {reason}. That run folder holds a run with other settings: "
+        "choose another run.out_dir, or set run.resume=false to train from scratch there"
+    )
 
 
 def load_rank_states(path: Path) -> list[dict[str, Any]]:

@@ -210,11 +210,17 @@ def start_run(cfg: Any, model: torch.nn.Module, micro: int, banner: str) -> Run:
     """
     from facemae_dist.config import save_config
 
+    run_dir = Path(cfg.run.out_dir)
+    changed = resume_changes(cfg, run_dir)  # every rank, before any of them can write config.yaml
     info = dist.init()
     device = dist.device(info)
-    run_dir = Path(cfg.run.out_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if changed:  # the config the checkpoints so far were trained with stays on record
+            kept = run_dir / f"config.until-{checkpoint.latest(run_dir / 'checkpoints').name}.yaml"
+            if not kept.exists():  # a resume that saved nothing must not overwrite the record
+                (run_dir / "config.yaml").replace(kept)
+            print(f"resuming with changed settings: {'; '.join(changed)} (was: {kept})", flush=True)
         save_config(cfg, run_dir / "config.yaml")
         print(f"{banner}: world size {info.world_size} ({info.launcher}), {device}", flush=True)
     data = cfg.data
@@ -227,6 +233,47 @@ def start_run(cfg: Any, model: torch.nn.Module, micro: int, banner: str) -> Run:
     total = total_steps_for(cfg.run, steps_per_epoch)
     engine = build_engine(model, cfg.optim, cfg.engine, micro, total, steps_per_epoch)
     return Run(info, device, run_dir, stream, engine)
+
+
+# what a checkpoint is tied to: resuming it under other values would load mismatched weights
+RUN_IDENTITY = ("model", "backbone", "engine.zero_stage", "engine.precision")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(cfg: Any, run_dir: Path) -> list[str]:
+    """Settings this run changes against the run folder's config.yaml when it will resume there
+    ("key old -> new"). Raises :class:`FacemaeError` for a change the checkpoints cannot follow
+    (architecture, ZeRO stage, precision), before anything is written."""
+    import yaml
+
+    from facemae_dist.config import to_dict
+
+    old_file = run_dir / "config.yaml"
+    if not (cfg.run.resume and old_file.is_file() and checkpoint.latest(run_dir / "checkpoints")):
+        return []
+    try:
+        old = _flat(yaml.safe_load(old_file.read_text()) or {})
+    except yaml.YAMLError:
+        return ["config.yaml was unreadable"]
+    new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # as written: tuples are lists
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    fixed = [k for k in keys if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY)]
+    if fixed:
+        detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in fixed[:3])
+        raise FacemaeError(
+            f"{run_dir} holds checkpoints of a run with other settings ({detail}): choose another "
+            "run.out_dir, or set run.resume=false to train from scratch there"
+        )
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -437,7 +484,10 @@ def _resume(engine, task: Task, ckpt_root: Path, seed: int) -> FitState:
         checkpoint.set_rng_state(saved["rng"])
     else:  # fresh per-rank streams (else every rank would draw the same dropout/drop-path masks)
         torch.manual_seed(seed + info.rank + 100_003 * saved["step"])
-    task.load_rank_states([s["task"] for s in states])
+    try:
+        task.load_rank_states([s["task"] for s in states])
+    except FacemaeError as err:  # e.g. a margin head for other classes than this run's data
+        raise checkpoint.other_settings(path, err) from None
     if dist.detect().is_main:
         print(f"resumed from {path} (step {saved['step']})", flush=True)
     return FitState(step=saved["step"], samples_seen=saved["samples_seen"])
