@@ -204,7 +204,7 @@ def test_missing_identities_warn_or_fail(splits, tiny):
         audit(splits["unseen"], splits["train"], tiny)
     with pytest.raises(FacemaeError, match="released split .*nowhere not found"):
         audit(splits["train"].parent / "nowhere", splits["train"], tiny)
-    with pytest.raises(FacemaeError, match="no shard manifest"):
+    with pytest.raises(FacemaeError, match="is a shard root: pass one of its splits"):
         audit(splits["train"], splits["train"].parent, tiny)
 
 

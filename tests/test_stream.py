@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from distributed import run_ranks
 
 from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.stream import BadShardError, FaceStream, decode_face, make_loader
+from facemae_dist.errors import FacemaeError
 
 
 def keys_of(loader) -> list[list[str]]:
@@ -156,3 +158,32 @@ def test_16bit_png_samples_are_scaled_not_clipped():
     face = decode_face({"png": out.getvalue(), "__key__": "k", "__url__": "u"})
     assert face.shape == (3, 112, 112)
     assert torch.equal(face[1], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+
+
+def test_shards_at_another_face_size_are_refused_by_every_model_stage(tmp_path):
+    from facemae_dist.config import load_config
+    from facemae_dist.data.shards import ShardOptions, shard_dataset
+    from facemae_dist.data.synthetic import SyntheticSource
+    from facemae_dist.engine import pretrain, recognize
+
+    shard_dataset(
+        SyntheticSource.from_spec("4x2"),
+        tmp_path / "s",
+        ShardOptions(image_size=64, progress=False),
+    )
+    split = str(tmp_path / "s/train")
+    repo = Path(__file__).resolve().parents[1]
+    mae = load_config(
+        pretrain.PretrainConfig, repo / "configs/mae/tiny_cpu.yaml", [f"data.train={split}"]
+    )
+    with pytest.raises(
+        FacemaeError, match="hold 64 px faces but model.image_size takes 112 px.*--image-size 112"
+    ):
+        pretrain.validate(mae, 1)
+    rec = load_config(
+        recognize.RecogConfig,
+        repo / "configs/recog/tiny_cpu.yaml",
+        [f"data.train={split}", "eval.pairs=[]"],
+    )
+    with pytest.raises(FacemaeError, match="hold 64 px faces but backbone"):
+        recognize.validate(rec, 1)

@@ -177,6 +177,16 @@ def resolve(shards: str | Sequence[str]) -> tuple[list[str], list[int] | None, d
     return urls, None, None
 
 
+def check_image_size(split: str | os.PathLike, expected: int, who: str) -> None:
+    """Refuse a shard split written at another face size than ``who`` takes (its manifest says)."""
+    size = load_manifest(split).get("options", {}).get("image_size")
+    if size is not None and size != expected:
+        raise FacemaeError(
+            f"shards {split} hold {size} px faces but {who} takes {expected} px: re-shard the "
+            f"source with `facemae shard SOURCE OUT_DIR --image-size {expected}`"
+        )
+
+
 class FaceStream(IterableDataset):
     """Batches {"image", "label", "key"} from face shards; see the module docstring."""
 

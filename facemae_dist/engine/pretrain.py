@@ -17,7 +17,7 @@ import torch
 
 from facemae_dist import dist
 from facemae_dist.config import load_config, model_json_kind, read_json
-from facemae_dist.data.shards import load_manifest
+from facemae_dist.data.stream import check_image_size
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
     DataConfig,
@@ -115,7 +115,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         raise FacemaeError(
             f"irm.teacher_precision must be fp32, bf16 or null, got {cfg.irm.teacher_precision!r}"
         )
-    load_manifest(cfg.data.train)  # clear error if the shards are missing
+    check_image_size(cfg.data.train, cfg.model.image_size, "model.image_size")
     return micro
 
 

@@ -20,6 +20,7 @@ import torch
 from facemae_dist import dist
 from facemae_dist.config import load_config, model_json_kind, read_json
 from facemae_dist.data.shards import load_manifest
+from facemae_dist.data.stream import check_image_size
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
     OPTIMIZERS,
@@ -34,6 +35,7 @@ from facemae_dist.engine.loop import (
     validate_common,
 )
 from facemae_dist.errors import FacemaeError
+from facemae_dist.models.backbones import IMAGE_SIZE
 
 
 @dataclass
@@ -99,6 +101,7 @@ def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
     validate_common(cfg)
     micro = micro_batch(cfg.data, cfg.engine, world_size)
     manifest = load_manifest(cfg.data.train)
+    check_image_size(cfg.data.train, IMAGE_SIZE, f"backbone {cfg.backbone.name}")
     classes = manifest["num_classes"]
     if cfg.data.num_classes and cfg.data.num_classes != classes:
         raise FacemaeError(

@@ -35,7 +35,7 @@ from facemae_dist.data.shards import (
     save_manifest,
     verified_shards,
 )
-from facemae_dist.data.stream import decode_face, normalize, read_shard
+from facemae_dist.data.stream import check_image_size, decode_face, normalize, read_shard
 from facemae_dist.data.tario import HashingTarWriter
 from facemae_dist.errors import FacemaeError
 from facemae_dist.progress import ProgressBar
@@ -343,6 +343,8 @@ def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOpti
     if info.world_size > 1:
         dist.init(use_deepspeed=False)
     releaser = Releaser(opts, dist.device(info))  # a model that does not load: fail before writing
+    if releaser.model is not None:
+        check_image_size(input_split, releaser.model.img_size, f"--model {opts.model}")
     out.mkdir(parents=True, exist_ok=True)
     _claim_output(out, input_split, fp, info.rank)
     done = _done_entries(out)

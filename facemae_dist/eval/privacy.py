@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from facemae_dist.data.shards import load_manifest
-from facemae_dist.data.stream import FaceStream, make_loader
+from facemae_dist.data.stream import FaceStream, check_image_size, make_loader
 from facemae_dist.errors import FacemaeError
-from facemae_dist.eval.verification import embed_pairs, resolve_device
+from facemae_dist.eval.verification import IMAGE_SIZE, embed_pairs, resolve_device
 
 __all__ = ["audit", "embed_split", "main", "nearest", "retrieval"]
 
@@ -315,6 +315,8 @@ def audit(
     """
     rel, gal = _as_list(released), _as_list(original)
     missing = _check_splits(rel, gal, strict)
+    for split in rel + gal:
+        check_image_size(split, IMAGE_SIZE, "the recognizer")
     net, dev = _prepare_model(model, device)
     q_emb, q_ids, _, q_src = embed_split(net, rel, batch_size, dev, num_workers, progress)
     g_emb, g_ids, g_keys, _ = embed_split(net, gal, batch_size, dev, num_workers, progress)
