@@ -45,15 +45,39 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
         "out_dir", help="output folder: OUT_DIR/<split>/<name>-NNNNNN.tar + manifest.json"
     )
     p.add_argument(
-        "--format", default="auto", choices=["auto", "folder", "list", "recordio", "synthetic"]
+        "--format",
+        default="auto",
+        choices=["auto", "folder", "list", "recordio", "synthetic"],
+        help="kind of SOURCE (default: %(default)s, guessed from the path)",
     )
-    p.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
     p.add_argument(
-        "--max-shard-bytes", type=int, default=None, metavar="B", help="byte budget per shard"
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="images per shard at most (default: %(default)s)",
     )
-    p.add_argument("--workers", type=int, default=1, metavar="W", help="writer processes")
+    p.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=None,
+        metavar="B",
+        help="byte budget per shard (default: none, only --samples-per-shard)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="W",
+        help="writer processes (default: %(default)s)",
+    )
     p.add_argument("--shuffle", action="store_true", help="shuffle samples across shards")
-    p.add_argument("--seed", type=int, default=0, help="seed for --shuffle and the hold-out choice")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for --shuffle and the hold-out choice (default: %(default)s)",
+    )
     hold = p.add_mutually_exclusive_group()
     hold.add_argument(
         "--holdout-identities",
@@ -75,12 +99,18 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="keep verified shards of a killed run, redo the rest"
     )
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--name", default="faces", help="shard file prefix")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=112,
+        metavar="S",
+        help="faces are stored S x S pixels; others are resized (default: %(default)s)",
+    )
+    p.add_argument("--name", default="faces", help="shard file prefix (default: %(default)s)")
     p.add_argument(
         "--full-decode", action="store_true", help="decode every image to validate it (slower)"
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -260,7 +290,7 @@ def _add_data_commands(sub) -> None:
         cmd_synth,
     )
     p.add_argument("size", help="IDSxPER[:SEED]: identities × images per identity, optional seed")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="output folder: OUT_DIR/<identity>/<image>.jpg")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the SEED in size, or 0)")
     p = _add(
         sub,
@@ -283,9 +313,12 @@ def _add_study_commands(sub) -> None:
     p.add_argument(
         "--out",
         default="runs/demo",
-        help="run directory; run again on it to skip the finished stages (e.g. after a kill)",
+        help="run directory; run again on it to skip the finished stages (e.g. after a kill) "
+        "(default: %(default)s)",
     )
-    p.add_argument("--quick", action="store_true", help="a smaller run for CI (minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="a smaller run for CI (about 1.5 minutes on 2 cores)"
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -299,8 +332,17 @@ def _add_study_commands(sub) -> None:
         "facemae sweep --out runs/demo --mask-ratios 0.5 0.6 0.75 0.9",
         cmd_sweep,
     )
-    p.add_argument("--out", default="runs/demo", help="a finished demo run directory")
-    p.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5, 0.6, 0.75, 0.9])
+    p.add_argument(
+        "--out", default="runs/demo", help="a finished demo run directory (default: %(default)s)"
+    )
+    p.add_argument(
+        "--mask-ratios",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.6, 0.75, 0.9],
+        metavar="R",
+        help="FaceMAE mask ratios to sweep, one release run each (default: 0.5 0.6 0.75 0.9)",
+    )
     p = _add(
         sub,
         "make-pairs",
@@ -311,9 +353,16 @@ def _add_study_commands(sub) -> None:
     p.add_argument("shards", help="split folder (manifest.json + shards)")
     p.add_argument("out", help="output .bin (lfw.bin layout)")
     p.add_argument(
-        "--pairs", type=int, default=6000, help="number of pairs (half same, half different)"
+        "--pairs",
+        type=int,
+        default=6000,
+        metavar="N",
+        help="number of pairs, half same, half different; a multiple of 20 (10 folds x "
+        "same/different); warns when the split has too few distinct pairs (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the pair draw (default: %(default)s)"
+    )
     p = _add(
         sub,
         "eval",
@@ -325,7 +374,9 @@ def _add_study_commands(sub) -> None:
         "--model", required=True, help="backbone.safetensors from `facemae train` (or its folder)"
     )
     p.add_argument("--pairs", nargs="+", required=True, help=".bin pair sets")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if any)")
     p.add_argument("--out", default=None, help="write the results as JSON")
 

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import re
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,18 @@ def exported(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
+@contextmanager
+def command_line(argv: list[str]) -> Iterator[None]:
+    """Show the stage the command line of a direct run (`facemae STAGE ...`), not submitit's
+    `python -m submitit.core._submit FOLDER`: what a stage records as its command comes from here."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def bridge_preemption_signal() -> Callable | None:
     """Route submitit's preemption/timeout signal (USR2) to the trainer's stop flag (USR1).
 
@@ -148,9 +162,10 @@ class StageJob:
         values = dist_variables(env)
         if "SLURM_CPUS_PER_TASK" in os.environ and "OMP_NUM_THREADS" not in os.environ:
             values["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
-        with exported(values):
+        argv = self.arguments(str(env.job_id))
+        with exported(values), command_line(["facemae", self.stage, *argv]):
             try:
-                return main(self.arguments(str(env.job_id)))
+                return main(argv)
             except SystemExit as exc:
                 if exc.code != EXIT_PREEMPTED or requeue is None:
                     raise
@@ -175,6 +190,11 @@ def make_executor(args: argparse.Namespace, folder: str) -> Any:
     import submitit
 
     cluster = None if args.cluster == "auto" else args.cluster
+    if cluster == "slurm" and shutil.which("srun") is None:  # submitit's own check: a traceback
+        raise FacemaeError(
+            "--cluster slurm: srun not found on PATH: load Slurm's client tools here, "
+            "or use --cluster local"
+        )
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict[str, Any] = {
         "name": f"facemae-{args.stage}",
@@ -197,13 +217,83 @@ def make_executor(args: argparse.Namespace, folder: str) -> Any:
     return executor
 
 
-def log_folder(args: argparse.Namespace) -> str:
-    """submitit's folder: <run dir>/submitit, where the run dir may still hold submitit's %j."""
+def log_folder(args: argparse.Namespace, run_dir: str | None = None) -> str:
+    """submitit's folder: <run dir>/submitit, where the run dir may still hold submitit's %j
+    (`run_dir`: the run's name where the cluster cannot name folders after the job)."""
     if args.log_dir:
         return args.log_dir
     given = [a.split("=", 1)[1] for a in args.stage_args if a.startswith(OUT_KEY + "=")]
-    run_dir = given[-1] if given else f"{args.runs}/{args.stage}-%j"
+    run_dir = given[-1] if given else run_dir or f"{args.runs}/{args.stage}-%j"
     return str(Path(run_dir) / "submitit")
+
+
+def stamped_run_dir(runs: str, stage: str) -> str:
+    """`<runs>/<stage>-<submission time>`, made unique: submitit's local runner cannot fill %j
+    (the job id is the pid of a process that needs its folder first)."""
+    base = f"{runs}/{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = base, 1
+    while Path(run_dir).exists():
+        n += 1
+        run_dir = f"{base}-{n}"
+    return run_dir
+
+
+def detected_cluster(cluster: str) -> str:
+    """`auto` resolved the way submitit's AutoExecutor does (slurm where srun exists, else local):
+    folders depend on it."""
+    if cluster != "auto":
+        return cluster
+    import submitit
+
+    return submitit.AutoExecutor.which()
+
+
+def submission_error(exc: BaseException, stderr: str) -> FacemaeError | None:
+    """The one-line error for a submission that failed in sbatch (None: not sbatch's doing)."""
+    from submitit.core.utils import FailedJobError
+
+    if isinstance(exc, FileNotFoundError) and exc.filename == "sbatch":
+        return FacemaeError(
+            "sbatch not found on PATH: load Slurm's client tools here, or use --cluster local"
+        )
+    if isinstance(exc, FailedJobError):
+        lines = [ln.strip() for ln in (stderr or str(exc)).splitlines() if ln.strip()]
+        last = lines[-1] if lines else "no message"
+        return FacemaeError(
+            f"sbatch failed ({last}): check that Slurm works here (sinfo), or use --cluster local"
+        )
+    return None
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def tidy_submission(root: Path, before: set[str], created: Path | None, failed: bool) -> None:
+    """Remove what submitit left in the job-independent folder `root` (the runs root when the folder
+    holds %j): its `<uuid>.pkl` and `.submission_file_<uuid>.sh` after a failed sbatch, and the
+    symlink to the batch script it keeps after a good one (Slurm holds its own copy)."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.name in before:
+            continue
+        stray = entry.name.startswith(".submission_file_") and entry.suffix == ".sh"
+        if (stray and (failed or entry.is_symlink())) or (failed and entry.suffix == ".pkl"):
+            entry.unlink()
+    if failed and created is not None:  # folders this submission made, if now empty
+        for folder in [root, *root.parents]:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+            if folder == created:
+                break
 
 
 def config_of(stage_args: Sequence[str]) -> str | None:
@@ -242,15 +332,38 @@ def submit(args: argparse.Namespace) -> Any:
     """Submit `args.stage` with `args.stage_args` after :func:`preflight`; returns the submitit Job."""
     config = config_of(args.stage_args)
     given = any(a.startswith(OUT_KEY + "=") for a in args.stage_args)
-    if args.cluster in ("local", "debug") and config is not None and not given:
+    stamped = None
+    if detected_cluster(args.cluster) in ("local", "debug") and not given:
         # submitit names Slurm folders after the job (%j), but its local runner cannot: name the
-        # run after the submission time instead
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.stage_args = [*args.stage_args, f"{OUT_KEY}={args.runs}/{args.stage}-{stamp}"]
+        # run (a trainer's run dir, else just the folder of submitit's files) after the time
+        stamped = stamped_run_dir(args.runs, args.stage)
+        if config is not None:
+            args.stage_args = [*args.stage_args, f"{OUT_KEY}={stamped}"]
     preflight(args)
-    executor = make_executor(args, log_folder(args))
+    folder = log_folder(args, stamped)
+    executor = make_executor(args, folder)
     job = StageJob(args.stage, args.stage_args, args.runs, run_dir=config is not None)
-    return executor.submit(job)
+    # submitit writes its pickle and batch script to the first folder without %j (the runs root)
+    # and moves them into the job's folder once sbatch answered: a failed sbatch leaves them there
+    from submitit.core.utils import JobPaths
+
+    root = JobPaths.get_first_id_independent_folder(folder)
+    before = {e.name for e in root.iterdir()} if root.is_dir() else set()
+    created = first_missing(root)
+    stderr = io.StringIO()  # submitit prints sbatch's stderr: keep it for the one-line error
+    try:
+        with redirect_stderr(stderr):
+            submitted = executor.submit(job)
+    except Exception as exc:
+        tidy_submission(root, before, created, failed=True)
+        error = submission_error(exc, stderr.getvalue())
+        if error is None:
+            sys.stderr.write(stderr.getvalue())
+            raise
+        raise error from exc
+    sys.stderr.write(stderr.getvalue())
+    tidy_submission(root, before, created, failed=False)
+    return submitted
 
 
 # submit's own options; every other argument goes to the stage (and all of them after `--`)
@@ -267,7 +380,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--signal-delay": {"type": int, "default": 300, "metavar": "S", "help": "warn S s before"},
     "--runs": {"default": "runs", "help": "root of the default run directories"},
     "--log-dir": {"default": None, "help": "submitit folder (default: <run dir>/submitit)"},
-    "--wait": {"action": "store_true", "help": "wait for the job and print its result"},
+    "--wait": {"action": "store_true", "help": "wait for the job and summarize its result"},
 }
 
 
@@ -328,8 +441,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"job_id": job.job_id}
     if args.wait or args.cluster in ("local", "debug"):
         out["result"] = job.results()[0]  # rank 0's
-        print(f"job {job.job_id} finished: {out['result']}", flush=True)
+        print(f"job {job.job_id} finished: {summary(out['result'])}", flush=True)
+        where = [w for w in (output_of(args), result_file(job)) if w]
+        if where:
+            print(f"full result: {', '.join(where)}", flush=True)
     return out
+
+
+def summary(result: Any, width: int = 80) -> str:
+    """One line for a stage's result: short values as they are, containers by their size (a
+    release manifest's label_map and shards grow with the data set)."""
+    if not isinstance(result, dict):
+        return short(result, 2 * width)
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, dict | list | tuple | set):
+            parts.append(f"{key}=<{len(value)} items>")
+        else:
+            parts.append(f"{key}={short(value, width)}")
+    return ", ".join(parts)
+
+
+def short(value: Any, width: int) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def output_of(args: argparse.Namespace) -> str | None:
+    """What the stage writes its full result to, where it says so on its command line
+    (reconstruct: OUTPUT with manifest.json; audit: --out)."""
+    module = stage_module(args.stage)
+    if not callable(getattr(module, "parser", None)):
+        return None
+    try:
+        ns, _ = module.parser().parse_known_args(list(args.stage_args))
+    except SystemExit:
+        return None
+    if getattr(ns, "output", None):
+        return str(Path(ns.output) / "manifest.json")
+    return getattr(ns, "out", None) or None
+
+
+def result_file(job: Any) -> str | None:
+    """submitit's pickle of rank 0's result (none on the debug cluster, which runs in-process)."""
+    paths = getattr(job, "paths", None)
+    path = getattr(paths, "result_pickle", None)
+    return str(path) if path is not None and Path(path).is_file() else None
 
 
 if __name__ == "__main__":

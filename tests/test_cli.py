@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,89 @@ def test_submit_prints_stage_help_and_checks_the_config_before_submitting(
     assert f"logs in {out_dir[0].split('=', 1)[1]}/submitit" in capsys.readouterr().out
 
 
+def _fake_slurm(folder: Path, sbatch: str | None) -> str:
+    """A PATH holding a fake `srun` and, unless None, an `sbatch` running this shell body."""
+    folder.mkdir()
+    tools = {"srun": "exit 0", **({"sbatch": sbatch} if sbatch is not None else {})}
+    for name, body in tools.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return str(folder)
+
+
+def test_submit_explains_a_failed_sbatch_in_one_line_and_leaves_nothing(
+    tmp_path, monkeypatch, capsys, sharded_split
+):
+    """sbatch failing (no Slurm configuration here) or missing: one line, exit 2, and no pickle or
+    batch script left in the runs root; a good submission leaves submitit's files only in
+    <run dir>/submitit."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    argv = ["submit", "reconstruct", str(sharded_split), "rel", "--method", "blur"]
+    argv += ["--cluster", "slurm", "--runs", str(runs)]
+    fatal = "echo 'sbatch: fatal: Could not establish a configuration source' >&2; exit 1"
+    monkeypatch.setenv("PATH", _fake_slurm(tmp_path / "broken", fatal))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "sbatch failed (sbatch: fatal: Could not establish a configuration source)" in err
+    assert "--cluster local" in err and not runs.exists()
+    runs.mkdir()  # an existing runs root is kept, and stays clean
+    monkeypatch.setenv("PATH", _fake_slurm(tmp_path / "missing", None))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("facemae submit: error: sbatch not found on PATH") and err.count("\n") == 1
+    )
+    assert not list(runs.iterdir())
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun: submitit's own check, a traceback before
+    assert main(argv) == 2
+    assert "srun not found on PATH" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", _fake_slurm(tmp_path / "ok", "echo 'Submitted batch job 4242'"))
+    assert main(argv) == 0
+    assert "submitted reconstruct as job 4242" in capsys.readouterr().out
+    assert [p.name for p in runs.iterdir()] == ["reconstruct-4242"]  # no stray symlink either
+    files = sorted(p.name for p in (runs / "reconstruct-4242/submitit").iterdir())
+    assert files == ["4242_submission.sh", "4242_submitted.pkl"]
+
+
+def test_submit_reconstruct_locally_without_log_dir_summarizes_the_result(
+    tmp_path, monkeypatch, capsys, sharded_split
+):
+    """reconstruct takes no run directory: on the local runner its submitit files still get a
+    folder (no %j), and the printed result is a summary, not the whole manifest."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rel"
+    argv = ["submit", "reconstruct", str(sharded_split), str(out), "--method", "blur"]
+    assert main([*argv, "--no-progress", "--cluster", "local"]) == 0
+    text = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 28
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("reconstruct-") and "%j" not in run.name
+    assert f"logs in {run}/submitit" in text
+    finished = next(line for line in text.splitlines() if line.startswith("job "))
+    assert "num_samples=28" in finished and "label_map=<7 items>" in finished
+    assert repr(manifest["label_map"][-1]) not in finished and len(finished) < 400
+    assert f"full result: {out}/manifest.json, {run}/submitit/" in text
+
+
+def test_submitted_stage_sees_the_command_line_of_a_direct_run(
+    tmp_path, monkeypatch, capsys, sharded_split
+):
+    """What a stage records as its command (sys.argv) is `facemae STAGE ARGS`, as when run directly,
+    not submitit's `python -m submitit.core._submit FOLDER`; sys.argv is restored afterwards."""
+    from facemae_dist import submit
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(submit, "stage_main", lambda stage: lambda argv: seen.append(sys.argv[:]))
+    stage_args = [str(sharded_split), "rel", "--method", "blur", "--copies", "2"]
+    argv_before = sys.argv[:]
+    assert main(["submit", "reconstruct", *stage_args, "--cluster", "debug"]) == 0
+    assert seen == [["facemae", "reconstruct", *stage_args]] and sys.argv == argv_before
+
+
 # ---------------------------------------------------------------- slurm/common.sh without a Slurm
 
 
@@ -197,3 +281,38 @@ def test_module_entry_points_exit_with_the_stages_code_and_flushed_output(body, 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == code, done.stderr
     assert printed in done.stdout + done.stderr
+
+
+def test_cli_owned_options_all_have_help_and_show_their_defaults():
+    """Every option of the commands this parser builds says what it does; key defaults show."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in ("synth", "shard", "demo", "sweep", "make-pairs", "eval"):
+        for action in sub.choices[name]._actions:
+            assert action.help, (
+                f"facemae {name}: {action.option_strings or action.dest} has no help"
+            )
+    shard = sub.choices["shard"].format_help()
+    assert "default: 1000" in shard and "default: 112" in shard
+    assert "multiple of 20" in sub.choices["make-pairs"].format_help()
+    assert "default: 6000" in sub.choices["make-pairs"].format_help()
+    assert "about 1.5 minutes on 2 cores" in sub.choices["demo"].format_help()
+
+
+def test_cli_strict_shard_rerun_after_fixing_the_input(tmp_path):
+    """`shard --strict` stops at a bad input before any shard is finished; after the fix, the same
+    command runs (no --resume dead end)."""
+    from facemae_dist.data.synthetic import SyntheticSource, write_folder
+
+    faces = tmp_path / "faces"
+    write_folder(SyntheticSource.from_spec("4x3").cfg, faces, progress=False)
+    victim = sorted(faces.rglob("*.jpg"))[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:200])
+    cmd = [str(BIN / "facemae"), "shard", str(faces), str(tmp_path / "sh"), "--strict"]
+    done = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and victim.parent.name in done.stderr, done.stderr
+    assert "run the same command again" in done.stderr
+    victim.write_bytes(good)
+    done = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "12 images" in done.stdout

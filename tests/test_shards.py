@@ -232,3 +232,44 @@ def test_tar_headers_refuse_what_ustar_cannot_hold():
         member_header("a.jpg", 8**11)
     with pytest.raises(ValueError, match="too long"):
         member_header("x" * 100, 1)
+
+
+def test_strict_stop_before_any_shard_does_not_block_the_rerun(tmp_path):
+    bad = MemorySource([(0, b"garbage bytes"), (0, jpeg_bytes(1)), (1, jpeg_bytes(2))])
+    with pytest.raises(FacemaeError, match="item 0.*run the same command again.*--resume"):
+        shard_dataset(bad, tmp_path, opts(strict=True))
+    split = tmp_path / "train"
+    assert not list(split.glob("*.tar")) and list(split.glob("*.tmp"))  # no shard finished
+    fixed = MemorySource([(0, jpeg_bytes(3)), (0, jpeg_bytes(1)), (1, jpeg_bytes(2))])
+    m = shard_dataset(fixed, tmp_path, opts(strict=True))["train"]  # plain rerun: no --resume
+    assert m["num_samples"] == 3 and not list(split.glob("*.tmp"))
+    # removing the bad input changes the plan: with nothing finished, --resume starts afresh too
+    again = tmp_path / "again"
+    with pytest.raises(FacemaeError):
+        shard_dataset(bad, again, opts(strict=True))
+    m = shard_dataset(MemorySource(fixed.items[1:]), again, opts(strict=True, resume=True))
+    assert m["train"]["num_samples"] == 2
+
+
+def test_a_finished_shard_or_foreign_file_still_needs_resume(tmp_path, memory_source):
+    shard_dataset(memory_source, tmp_path, opts(samples_per_shard=8))
+    with pytest.raises(FacemaeError, match="already holds shards: pass --resume"):
+        shard_dataset(memory_source, tmp_path, opts(samples_per_shard=8))
+    other = tmp_path / "other" / "train"
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")  # never deleted as a leftover
+    with pytest.raises(FacemaeError, match="already holds shards"):
+        shard_dataset(memory_source, tmp_path / "other", opts())
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_shard_root_names_its_splits(tmp_path):
+    shard_dataset(make_source(), tmp_path / "shards", opts(holdout_identities=2))
+    root = tmp_path / "shards"
+    with pytest.raises(
+        FacemaeError, match=r"is a shard root: pass one of its splits, e\.g\. .*train"
+    ):
+        load_manifest(root)
+    with pytest.raises(FacemaeError) as err:
+        load_manifest(str(root))
+    assert f"{root}/train or {root}/unseen" in str(err.value)

@@ -244,3 +244,66 @@ def test_recognizer_export_checks(tiny_model, tmp_path) -> None:
         load_recognizer(tmp_path)  # weights of another embedding size
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "embedding_size": 64}))
     assert not load_recognizer(tmp_path).training
+
+
+def test_verify_pair_set_names_the_set_with_an_undecodable_image(tiny_model) -> None:
+    good = encode(np.zeros((112, 112, 3), np.uint8))
+    bad = PairSet([good, good, good, b"not an image"], np.array([True, False]), "agedb_30")
+    with pytest.raises(FacemaeError, match=r"image 3 \(pair 1\) of pair set 'agedb_30'"):
+        verify_pair_set(tiny_model, bad)
+
+
+def _damage_images(split_dir) -> list[bytes]:
+    """Spoil two JPEGs in place (the tar stays valid): one keeps its end marker but does not
+    decode, one loses its end marker. Returns the spoilt bytes."""
+    import tarfile
+
+    url = load_manifest(split_dir)["urls"][0]
+    with tarfile.open(url) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))][:2]
+    with open(url, "r+b") as f:
+        f.seek(members[0].offset_data + 200)
+        f.write(b"\0" * (members[0].size - 400))
+        f.seek(members[1].offset_data + members[1].size - 2)
+        f.write(b"\0\0")
+    with tarfile.open(url) as tar:
+        return [tar.extractfile(m).read() for m in members]
+
+
+def test_make_pairs_leaves_out_undecodable_images(sharded_split, tmp_path) -> None:
+    from facemae_dist.data.images import decode_rgb
+
+    spoilt = _damage_images(sharded_split)
+    out = tmp_path / "pairs.bin"
+    with pytest.warns(UserWarning) as record:  # 200 pairs of 26 images also repeat: 2 warnings
+        summary = make_pairs(str(sharded_split), str(out), num_pairs=200, seed=0)
+    assert any("left out 2 undecodable image(s)" in str(w.message) for w in record)
+    assert summary["skipped_images"] == 2 and summary["samples_scanned"] == 28
+    assert summary["num_images"] <= 26
+    pairs = load_pair_set(out)
+    for image in pairs.images:
+        assert image not in spoilt
+        decode_rgb(image)  # `facemae eval` can read every image
+
+
+def test_make_pairs_warns_when_most_pairs_repeat(sharded_split, tmp_path) -> None:
+    import warnings
+
+    # 7 identities x 4 images: 7 x 6 = 42 distinct same pairs, 378 - 42 = 336 different
+    with pytest.warns(
+        UserWarning,
+        match=r"only 42 distinct same and 336 distinct different.*"
+        r"--pairs 80",
+    ):
+        summary = make_pairs(str(sharded_split), str(tmp_path / "p.bin"), num_pairs=400, seed=0)
+    assert summary["repeated_pairs"] >= 400 // 2 - 42
+    assert summary["distinct_same_pairs"] == 42 and summary["distinct_different_pairs"] == 336
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a set the split can fill: no warning
+        summary = make_pairs(str(sharded_split), str(tmp_path / "q.bin"), num_pairs=40, seed=0)
+    assert summary["repeated_pairs"] == 0 and summary["skipped_images"] == 0
+
+
+def test_make_pairs_on_a_shard_root_names_the_splits(sharded_split, tmp_path) -> None:
+    with pytest.raises(FacemaeError, match=r"is a shard root: pass one of its splits, e\.g\. "):
+        make_pairs(str(sharded_split.parent), str(tmp_path / "p.bin"), num_pairs=20, seed=0)

@@ -214,8 +214,9 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
             except _Rejected as bad:
                 if opts.strict:
                     raise FacemaeError(
-                        f"bad input {bad} (item {index}). Fix or remove it, or drop --strict "
-                        "to skip bad inputs (they are listed in the manifest)"
+                        f"bad input {bad} (item {index}): fix or remove it, then run the same "
+                        "command again (add --resume to keep shards already written), or drop "
+                        "--strict to skip bad inputs (they are listed in the manifest)"
                     ) from None
                 rejected.append({"index": index, "position": bad.position, "reason": bad.reason})
                 continue
@@ -271,9 +272,23 @@ def save_manifest(split_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
+def _only_leftovers(split_dir: Path) -> bool:
+    """True when the folder holds only the bookkeeping of a run that finished no shard (plan,
+    journal, unfinished ``*.tmp`` files) and nothing else: no shard, manifest or foreign file."""
+    names = list(split_dir.iterdir())
+    return bool(names) and all(
+        p.is_file() and (p.name in (_PLAN, _JOURNAL) or p.name.endswith(".tmp")) for p in names
+    )
+
+
 def _prepare_split_dir(split_dir: Path, fingerprint: str, opts: ShardOptions) -> dict[int, dict]:
     """Create the split folder, or on --resume return the verified finished shards."""
     plan_file = split_dir / _PLAN
+    if split_dir.exists() and _only_leftovers(split_dir):
+        # a run that stopped before its first shard (e.g. --strict on a bad input) left nothing
+        # worth keeping: start afresh rather than demand --resume with matching options
+        for leftover in split_dir.iterdir():
+            leftover.unlink()
     if split_dir.exists() and any(split_dir.iterdir()):
         if not opts.resume:
             raise FacemaeError(
@@ -405,6 +420,12 @@ def load_manifest(path: str | os.PathLike) -> dict:
     p = Path(path)
     p = p / MANIFEST if p.is_dir() else p
     if not p.is_file():
+        # `facemae shard` writes OUT_DIR/<split>/manifest.json: name the splits of a root
+        root = Path(path) if Path(path).is_dir() else None
+        splits = sorted(d for d in root.iterdir() if (d / MANIFEST).is_file()) if root else []
+        if splits:
+            examples = " or ".join(str(d) for d in splits[:3])
+            raise FacemaeError(f"{root} is a shard root: pass one of its splits, e.g. {examples}")
         raise FacemaeError(f"no shard manifest at {p}: run `facemae shard SOURCE OUT_DIR` first")
     try:
         manifest = json.loads(p.read_text())

@@ -17,6 +17,8 @@ import io
 import itertools
 import json
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -389,7 +391,7 @@ def _merge_manifest(src: dict, out: Path, opts: ReconstructOptions, input_split:
         "label_map": src["label_map"],
         "shards": [{k: e[k] for k in ("file", "samples", "bytes", "sha256")} for e in entries],
         "source": f"released:{opts.method}:{input_split}",
-        "command": "facemae reconstruct",
+        "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "options": {k: v for k, v in asdict(opts).items() if k != "progress"},
         "rejected": [],
     }

@@ -27,6 +27,7 @@ O(folds x thresholds) memory, so million-pair sets cost no more than LFW.
 from __future__ import annotations
 
 import os
+import warnings
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,7 +181,9 @@ def evaluate(
 # ------------------------------------------------------------------------------------ embeddings
 
 
-def _decode_batch(images: Sequence[bytes], start: int, image_size: int) -> torch.Tensor:
+def _decode_batch(
+    images: Sequence[bytes], start: int, image_size: int, what: str = "the pair set"
+) -> torch.Tensor:
     """uint8 (B, 3, S, S) from encoded images; resized (bilinear) when not S x S."""
     from facemae_dist.data.images import BadImage, decode_rgb
 
@@ -189,7 +192,11 @@ def _decode_batch(images: Sequence[bytes], start: int, image_size: int) -> torch
         try:
             img = decode_rgb(bytes(data))
         except BadImage as exc:
-            raise FacemaeError(f"image {start + k} of the pair set: {exc}") from None
+            i = start + k
+            raise FacemaeError(
+                f"image {i} (pair {i // 2}) of {what}: {exc}; rebuild it (facemae make-pairs) "
+                "or fetch it again"
+            ) from None
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
         arrays.append(np.asarray(img))
@@ -248,13 +255,14 @@ def embed_pairs(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     image_size: int = IMAGE_SIZE,
+    what: str = "the pair set",
 ) -> np.ndarray:
     """L2-normalised (image + flipped image) embeddings, float64, one row per image.
 
     ``images``: encoded images (bytes, or uint8 arrays of the bytes), or a uint8 (N, 3, H, W)
     tensor. Decoding happens per batch, so a large pair set never sits decoded in memory.
     ``device``: where inputs go; None = the model's device (the model is never moved). The model
-    runs in eval mode and is put back in its previous mode.
+    runs in eval mode and is put back in its previous mode. ``what`` names the images in errors.
     """
     if batch_size < 1:
         raise FacemaeError(f"batch_size must be positive, got {batch_size}")
@@ -266,7 +274,7 @@ def embed_pairs(
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             if not isinstance(chunk, torch.Tensor):
-                chunk = _decode_batch(chunk, start, image_size)
+                chunk = _decode_batch(chunk, start, image_size, what)
             out.append(_embed_batch(model, chunk, dev))
     finally:
         model.train(was_training)
@@ -284,7 +292,9 @@ def verify_pair_set(
     far_target: float = 1e-3,
 ) -> VerificationResult:
     """Embed a :class:`~facemae_dist.data.sources.PairSet` and run the k-fold protocol on it."""
-    emb = embed_pairs(model, pair_set.images, batch_size, device)
+    # name the set in decode errors: `facemae eval` takes several .bin files at once
+    what = f"pair set {pair_set.name!r}" if pair_set.name else "the pair set"
+    emb = embed_pairs(model, pair_set.images, batch_size, device, what=what)
     result = evaluate(emb[0::2], emb[1::2], pair_set.issame, nfolds, far_target)
     result.name = pair_set.name
     return result
@@ -293,15 +303,27 @@ def verify_pair_set(
 # ------------------------------------------------------------------------------ building pair sets
 
 
-def _index_split(urls: list[str], expected: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(shard index, position in shard, class) of every sample: 16 bytes per sample, no images."""
-    from facemae_dist.data.stream import read_shard
+def _index_split(
+    urls: list[str], expected: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """(shard index, position in shard, class) of every sample: 16 bytes per sample, no images;
+    and {sample: why} for images that fail the cheap check (empty, truncated, bad header)."""
+    from facemae_dist.data.images import BadImage, check_image
+    from facemae_dist.data.stream import IMAGE_EXTS, read_shard
 
     shard, pos, cls = array("i"), array("i"), array("q")
+    bad: dict[int, str] = {}
     for s, (url, count) in enumerate(zip(urls, expected, strict=True)):
         for p, sample in enumerate(read_shard(url, count)):
             if "cls" not in sample:
                 raise FacemaeError(f"sample {sample['__key__']} in {url} has no 'cls' label")
+            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if data is None:
+                raise FacemaeError(f"sample {sample['__key__']} in {url} has no image")
+            try:
+                check_image(data)  # header and end marker only: no decode in this pass
+            except BadImage as exc:
+                bad[len(cls)] = f"{sample['__key__']} in {url}: {exc}"
             shard.append(s)
             pos.append(p)
             cls.append(int(sample["cls"]))
@@ -309,6 +331,7 @@ def _index_split(urls: list[str], expected: list[int]) -> tuple[np.ndarray, np.n
         np.frombuffer(shard, np.int32),
         np.frombuffer(pos, np.int32),
         np.frombuffer(cls, np.int64),
+        bad,
     )
 
 
@@ -356,7 +379,7 @@ def _samplers(cls: np.ndarray):
 
 
 def _fetch_images(urls: list[str], shard: np.ndarray, pos: np.ndarray, wanted: set[int]) -> dict:
-    """Encoded image bytes of the ``wanted`` sample indices, reading only the shards they lie in."""
+    """(key, encoded image bytes) of the ``wanted`` sample indices, reading only their shards."""
     from facemae_dist.data.stream import IMAGE_EXTS, read_shard
 
     by_shard: dict[int, dict[int, int]] = {}
@@ -370,7 +393,7 @@ def _fetch_images(urls: list[str], shard: np.ndarray, pos: np.ndarray, wanted: s
                 data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
                 if data is None:
                     raise FacemaeError(f"sample {sample['__key__']} in {urls[s]} has no image")
-                got[need[p]] = data
+                got[need[p]] = (sample["__key__"], data)
     if len(got) != len(wanted):
         raise FacemaeError("the shards changed while pairs were being made; run make-pairs again")
     return got
@@ -382,8 +405,10 @@ def make_pairs(split_dir: str, out_path: str, num_pairs: int, seed: int = 0) -> 
     10 contiguous folds of ``num_pairs/10`` pairs; each fold holds ``num_pairs/20`` same pairs
     followed by as many different pairs (the LFW layout). Same pairs: an identity with 2+ images
     drawn uniformly, two distinct images of it; different pairs: two distinct identities, one
-    image each. Repeated pairs are avoided while the split allows. Two passes over the shards:
-    the first keeps (shard, position, class) per sample, the second reads only chosen images.
+    image each. Repeated pairs are avoided while the split allows; when many repeat, a warning
+    says how many distinct pairs the split can give. Two passes over the shards: the first keeps
+    (shard, position, class) per sample, the second reads only chosen images. Images that do not
+    decode are left out with a warning (``skipped_images`` counts them).
     """
     from facemae_dist.data.shards import load_manifest
     from facemae_dist.data.sources import write_pair_set
@@ -395,7 +420,62 @@ def make_pairs(split_dir: str, out_path: str, num_pairs: int, seed: int = 0) -> 
         )
     manifest = load_manifest(split_dir)
     urls = manifest["urls"]
-    shard, pos, cls = _index_split(urls, [s["samples"] for s in manifest["shards"]])
+    shard, pos, cls, bad = _index_split(urls, [s["samples"] for s in manifest["shards"]])
+    while True:
+        # an image that does not decode would break `facemae eval` on the whole set: leave it
+        # out and draw again (from the same seed, so the set stays reproducible)
+        keep = np.setdiff1d(np.arange(len(cls)), np.fromiter(bad, np.int64, len(bad)))
+        drawn, issame, repeated, num_ids, num_multi = _draw_folds(cls[keep], num_pairs, seed)
+        pairs = [(int(keep[a]), int(keep[b])) for a, b in drawn]
+        wanted = {i for pair in pairs for i in pair}
+        images = _fetch_images(urls, shard, pos, wanted)
+        undecodable = _undecodable(images, urls, shard)
+        if not undecodable:
+            break
+        bad.update(undecodable)
+    write_pair_set(out_path, [images[i][1] for pair in pairs for i in pair], np.array(issame))
+    if bad:
+        warnings.warn(
+            f"left out {len(bad)} undecodable image(s) of {split_dir}, e.g. "
+            f"{next(iter(bad.values()))}",
+            stacklevel=2,
+        )
+    same_max, diff_max = _distinct_pairs(cls[keep])
+    if repeated > num_pairs // 10:  # then folds share pairs: the 10-fold std says little
+        fit = 2 * min(same_max, diff_max) // 20 * 20
+        hint = f"ask for at most {fit} pairs (--pairs {fit})" if fit else "no --pairs value fits"
+        warnings.warn(
+            f"{repeated} of the {num_pairs} pairs are repeats: {split_dir} ({len(keep)} images, "
+            f"{num_ids} identities) gives only {same_max} distinct same and {diff_max} distinct "
+            f"different pairs, so the 10-fold accuracy std is meaningless; {hint} or shard more "
+            "images into this split",
+            stacklevel=2,
+        )
+    return {
+        "path": os.fspath(out_path),
+        "split": manifest.get("split"),
+        "num_pairs": num_pairs,
+        "num_same": num_pairs // 2,
+        "num_different": num_pairs // 2,
+        "folds": 10,
+        "pairs_per_fold": num_pairs // 10,
+        "num_images": len(wanted),
+        "samples_scanned": len(cls),
+        "skipped_images": len(bad),
+        "num_identities": num_ids,
+        "identities_with_pairs": num_multi,
+        "distinct_same_pairs": same_max,
+        "distinct_different_pairs": diff_max,
+        "repeated_pairs": repeated,
+        "seed": seed,
+    }
+
+
+def _draw_folds(
+    cls: np.ndarray, num_pairs: int, seed: int
+) -> tuple[list[tuple[int, int]], list[bool], int, int, int]:
+    """Pairs of indices into ``cls`` in the LFW fold layout: (pairs, issame, repeated pairs,
+    identities, identities with 2+ images)."""
     same, different, num_ids, num_multi = _samplers(cls)
     rng = np.random.default_rng(seed)
     half = num_pairs // 2
@@ -406,21 +486,25 @@ def make_pairs(split_dir: str, out_path: str, num_pairs: int, seed: int = 0) -> 
     for f in range(10):
         pairs += same_pairs[f * per : (f + 1) * per] + diff_pairs[f * per : (f + 1) * per]
         issame += [True] * per + [False] * per
-    wanted = {i for pair in pairs for i in pair}
-    images = _fetch_images(urls, shard, pos, wanted)
-    write_pair_set(out_path, [images[i] for pair in pairs for i in pair], np.array(issame))
-    return {
-        "path": os.fspath(out_path),
-        "split": manifest.get("split"),
-        "num_pairs": num_pairs,
-        "num_same": half,
-        "num_different": half,
-        "folds": 10,
-        "pairs_per_fold": num_pairs // 10,
-        "num_images": len(wanted),
-        "samples_scanned": len(cls),
-        "num_identities": num_ids,
-        "identities_with_pairs": num_multi,
-        "repeated_pairs": rep_s + rep_d,
-        "seed": seed,
-    }
+    return pairs, issame, rep_s + rep_d, num_ids, num_multi
+
+
+def _distinct_pairs(cls: np.ndarray) -> tuple[int, int]:
+    """How many distinct same pairs and different pairs the samples of ``cls`` can form."""
+    counts = np.unique(cls, return_counts=True)[1].tolist()  # Python ints: no overflow
+    same = sum(c * (c - 1) // 2 for c in counts)
+    n = len(cls)
+    return same, n * (n - 1) // 2 - same
+
+
+def _undecodable(images: dict, urls: list[str], shard: np.ndarray) -> dict[int, str]:
+    """{sample: why} for the fetched images that do not decode."""
+    from facemae_dist.data.images import BadImage, decode_rgb
+
+    bad = {}
+    for i, (key, data) in images.items():
+        try:
+            decode_rgb(bytes(data))
+        except BadImage as exc:
+            bad[i] = f"{key} in {urls[shard[i]]}: {exc}"
+    return bad
