@@ -180,6 +180,13 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_file(path: str) -> None:
+    """Check that a result file can be written at ``path`` (its folder is made)."""
+    if Path(path).is_dir():
+        raise FacemaeError(f"--out {path} is a folder: give a file name, e.g. {path}/results.json")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -188,6 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from facemae_dist.eval.verification import resolve_device, verify_pair_set
     from facemae_dist.progress import console
 
+    if args.out:  # before the work: a bad --out must not cost a whole evaluation
+        _output_file(args.out)
     device = resolve_device(args.device)
     model = load_recognizer(args.model).to(device)
     table = Table(title=f"verification: {args.model}")
@@ -226,7 +235,17 @@ def _guarded(name: str, fn: Callable[[], object]) -> int:
     try:
         fn()
     except FacemaeError as exc:
-        print(f"facemae {name}: error: {exc}", file=sys.stderr)
+        print(f"facemae {name}: error: {_original_message(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path: keep the traceback for the report
+            raise
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+        print(
+            f"facemae {name}: error: {where}: {exc.strerror or exc}: check that path (a file "
+            "where a folder is expected, permissions, free space)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"facemae {name}: interrupted", file=sys.stderr)
@@ -234,6 +253,15 @@ def _guarded(name: str, fn: Callable[[], object]) -> int:
     finally:
         _close_process_group()
     return 0
+
+
+def _original_message(exc: FacemaeError) -> str:
+    """The error's own line: a DataLoader worker's error comes back wrapped as "Caught X in
+    DataLoader worker process N. Original Traceback ...", with the original line last."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def _close_process_group() -> None:
