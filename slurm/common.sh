@@ -12,8 +12,9 @@
 #      Trainers (facemae_trainer) get `--config CONFIG [key=value ...] run.out_dir=runs/<stage>-$SLURM_JOB_ID`
 #      unless run.out_dir is given;
 #   5. forwards SIGUSR1/SIGTERM received by the batch shell (`--signal=B:USR1@300`, `scancel --batch`) to
-#      the step: every rank writes a checkpoint and exits 75; the script then requeues the job
-#      (`scontrol requeue`), which keeps its job id, hence its run directory: it resumes from there.
+#      the step as SIGUSR1 (srun kills the tasks on a TERM): every rank writes a checkpoint and exits 75;
+#      after a USR1 the script requeues the job (`scontrol requeue`), which keeps its job id, hence its
+#      run directory: it resumes from there. After a TERM it ends (cancelled, or Slurm requeues it).
 #      A stage without checkpoints killed by the USR1 is requeued too (reconstruct skips finished shards).
 #
 # Outside Slurm, `bash slurm/<stage>.sh CONFIG ...` submits itself with sbatch, sized from the environment:
@@ -88,10 +89,12 @@ facemae_setup() {  # environment every stage shares: repository, venv, threads, 
   fi
 }
 
-_facemae_forward() {  # trap handler: pass a signal on to every task of the running step
-  FACEMAE_SIGNAL=$1
-  facemae_log "got SIG$1: forwarding it to the step (every rank checkpoints, then exits $FACEMAE_EXIT_PREEMPTED)"
-  if [ -n "$FACEMAE_SRUN_PID" ]; then kill -s "$1" "$FACEMAE_SRUN_PID" 2>/dev/null || true; fi
+_facemae_forward() {  # trap handler: ask every task of the running step to checkpoint and stop
+  FACEMAE_SIGNAL=$1 # TERM: do not requeue afterwards (facemae_finish)
+  facemae_log "got SIG$1: forwarding it to the step as SIGUSR1 (every rank checkpoints, then exits $FACEMAE_EXIT_PREEMPTED)"
+  # always USR1: srun passes it to the tasks as it is, but answers a TERM by killing every task
+  # ("forcing job termination"), which would leave no checkpoint; the ranks treat both alike
+  if [ -n "$FACEMAE_SRUN_PID" ]; then kill -s USR1 "$FACEMAE_SRUN_PID" 2>/dev/null || true; fi
 }
 
 facemae_traps() {  # from the start of the batch script on: a signal before the step starts is remembered
@@ -107,12 +110,18 @@ facemae_srun() {  # facemae_srun CMD...: one srun step in the background so that
   facemae_traps
   srun "${flags[@]}" "$@" &
   FACEMAE_SRUN_PID=$!
-  local rc
+  local rc again
   while :; do
     rc=0
     wait "$FACEMAE_SRUN_PID" || rc=$?
+    [ "$rc" -gt 128 ] || break
     # a trapped signal interrupts `wait` with status > 128 while srun still runs: wait again
-    if [ "$rc" -gt 128 ] && kill -0 "$FACEMAE_SRUN_PID" 2>/dev/null; then continue; fi
+    if kill -0 "$FACEMAE_SRUN_PID" 2>/dev/null; then continue; fi
+    # srun is gone, maybe at the instant the signal came: that status may be the interruption's;
+    # bash keeps srun's own for one more `wait` (127: none kept, then rc was srun's)
+    again=0
+    wait "$FACEMAE_SRUN_PID" 2>/dev/null || again=$?
+    [ "$again" = 127 ] || rc=$again
     break
   done
   FACEMAE_SRUN_PID=""

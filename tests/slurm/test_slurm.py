@@ -127,6 +127,22 @@ def test_usr1_then_scontrol_requeue_resume_to_the_uninterrupted_end(
 
 
 @pytest.mark.slurm
+def test_term_to_the_batch_shell_alone_still_checkpoints(slurm, shards, tmp_path):
+    """`scancel --batch --signal=TERM` reaches the batch shell only. Passed on as TERM, srun would
+    force the step's termination (SIGKILL to every task, no checkpoint): the script passes USR1,
+    which srun forwards as it is; TERM still means "do not requeue"."""
+    log, run_dir = tmp_path / "job.out", tmp_path / "run"
+    job, proc = slurm.sbatch(mae_job(log, run_dir, shards))
+    wait_until(lambda: len(metric_steps(run_dir)) >= 3, 180, "the first 3 steps")
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
+    rc = slurm.wait(job, proc, timeout=120, log=log)
+    text = log.read_text()
+    assert "got SIGTERM" in text and "not requeueing" in text, tail(log, 60)
+    step = int(re.search(r"stop signal: checkpoint at step (\d+)", text)[1])
+    assert latest(run_dir) == f"step-{step:08d}" and rc != 0
+
+
+@pytest.mark.slurm
 def test_submitit_job_preempted_requeues_and_returns_its_result(
     slurm, shards, tmp_path, monkeypatch
 ):
@@ -262,6 +278,31 @@ def test_script_headers_run_anywhere(name):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.parametrize("signal,srun_body,expected", [
+    ("TERM", "trap 'exit 75' USR1; trap 'exit 99' TERM; sleep 5 & wait", "rc=75 signal=TERM"),
+    ("USR1", "trap 'exit 75' USR1; sleep 5 & wait", "rc=75 signal=USR1"),
+    ("USR1", "trap '' USR1; sleep 1; kill -KILL $$", "rc=137 signal=USR1"),
+])  # fmt: skip
+def test_batch_shell_passes_usr1_and_reports_sruns_own_status(
+    tmp_path, signal, srun_body, expected
+):
+    """facemae_srun (slurm/common.sh) with a stand-in srun: a TERM or USR1 to the batch shell
+    reaches the step as USR1 (srun kills every task on a TERM), and the status is srun's."""
+    fake = tmp_path / "srun"
+    fake.write_text(f"#!/usr/bin/env bash\n{srun_body}\n")
+    fake.chmod(0o755)
+    script = (
+        f"source {REPO}/slurm/common.sh; (sleep 0.5; kill -{signal} $$) & "
+        'rc=0; facemae_srun run; rc=$?; echo "rc=$rc signal=$FACEMAE_SIGNAL"'
+    )
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    env.pop("SLURM_CPUS_PER_TASK", None)
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.strip().splitlines()[-1] == expected, (done.stdout, done.stderr)
+
+
 def test_shell_scripts_pass_shellcheck():
     files = [*(REPO / "slurm").glob("*.sh"), Path(__file__).with_name("ci-slurm.sh")]
     done = subprocess.run(
