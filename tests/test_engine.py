@@ -515,6 +515,33 @@ def test_checkpoints_keep_the_newest_and_resave_atomically(tmp_path, monkeypatch
     assert checkpoint.latest(root) == root / ".old-step-00000004"
 
 
+def test_checkpoint_data_reaches_the_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """A node crash (not just a killed process) right after `latest` moved must not leave it naming
+    data that was still in the page cache: every file is fsynced before the renames."""
+    from facemae_dist.engine import checkpoint
+
+    root, events = tmp_path / "checkpoints", []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd),
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b)
+    )
+    checkpoint.save(FakeEngine(), root, 2, {"x": 1}, keep_last=1)
+    synced = {Path(p).name for kind, p in events if kind == "fsync"}
+    assert {"engine.pt", "rank00000.pt", "latest.tmp"} <= synced
+    moved = [
+        i for i, (kind, p) in enumerate(events) if kind == "replace" and p.endswith("step-00000002")
+    ]
+    last_data_sync = max(
+        i for i, (kind, p) in enumerate(events) if kind == "fsync" and p.endswith(".pt")
+    )
+    assert moved and last_data_sync < moved[0]
+
+
 def test_export_mismatch_fails_on_every_rank(monkeypatch, tmp_path):
     """Rank 0's verdict reaches the others (they would otherwise wait for it until the timeout)."""
     from types import SimpleNamespace
@@ -551,3 +578,60 @@ def test_recognition_resume_continues_the_head_sampling(tmp_path):
     resumed.load_rank_states([torch.load(tmp_path / "rank00000.pt", weights_only=True)])
     resumed.head(emb, labels)
     assert torch.equal(resumed.head.weight_index, run.head.weight_index)
+
+
+def test_a_resumed_log_drops_what_the_killed_run_wrote_after_the_checkpoint(tmp_path):
+    from facemae_dist.engine.loop import Logger
+
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 6, "lo')  # cut by a kill
+    logger = Logger(tmp_path, 10, enabled=True)
+    logger.begin(3, 30)  # resumed from the checkpoint of step 3
+    logger.log(4, 40, {"loss": 0.5})
+    logger.close()
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_config_file_mistakes_are_one_line_that_names_the_file(tmp_path):
+    """Empty files, bad YAML, a missing base:, a folder and the other trainer's config each get
+    one line naming the file and the fix (not "no shard manifest" or PyYAML's multi-line text)."""
+    from facemae_dist.engine.recognize import RecogConfig
+
+    def error(*args) -> str:
+        with pytest.raises(FacemaeError) as err:
+            load_config(*args)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    empty, comments = tmp_path / "empty.yaml", tmp_path / "comments.yaml"
+    empty.write_text("")
+    comments.write_text("# nothing yet\n")
+    assert "empty.yaml is empty (data.train is not set)" in error(RecogConfig, empty)
+    assert "configs/mae/" in error(PretrainConfig, comments)
+    assert load_config(RecogConfig, empty, ["data.train=x"]).data.train == "x"  # defaults + key
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  epochs: 1\n  seed: [1,\n")
+    assert error(PretrainConfig, bad).startswith(f"{bad}: invalid YAML at line 4, column 1: ")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: nothere.yaml\n")
+    message = error(PretrainConfig, child)
+    assert message.startswith(f"{child}: base: {tmp_path / 'nothere.yaml'} not found")
+    assert "base: line" in message
+    assert "is a folder, not a file: pass a .yaml file" in error(PretrainConfig, tmp_path)
+    mae, recog = REPO / "configs/mae/tiny_cpu.yaml", REPO / "configs/recog/tiny_cpu.yaml"
+    assert "irm (this looks like a `facemae pretrain` config)" in error(RecogConfig, mae)
+    assert "backbone (this looks like a `facemae train` config)" in error(PretrainConfig, recog)
+    assert "looks like" not in error(PretrainConfig, mae, ["nonsense.key=1"])
+
+
+def test_missing_eval_pairs_offer_to_skip_verification(sharded_split):
+    from facemae_dist.engine import recognize
+
+    config = REPO / "configs/recog/tiny_cpu.yaml"
+    cfg = load_config(
+        recognize.RecogConfig, config, [f"data.train={sharded_split}", "eval.pairs=[nope.bin]"]
+    )
+    with pytest.raises(FacemaeError, match=r"nope.bin not found: make one .*eval.pairs=\[\]"):
+        recognize.validate(cfg, 1)
+    cfg.eval.pairs = []
+    recognize.validate(cfg, 1)  # the fix it offers works

@@ -48,10 +48,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to the disk (a folder: its entries, e.g. a rename). Some network file
+    systems refuse it on folders: their server orders metadata itself."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file under ``folder``, then the folder: what this node wrote reaches the disk before
+    `latest` may name it (else a node crash right after could leave `latest` naming lost data)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    _fsync(folder)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep_last: int) -> Path:
@@ -64,6 +88,7 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep_last: i
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
     rank = dist.detect().rank
     torch.save(rank_state, root / tmp_tag / f"rank{rank:05d}.pt")
+    _fsync_tree(root / tmp_tag)  # every rank: each node flushes what it wrote
     dist.barrier()
     if dist.detect().is_main:
         if final.exists():  # never delete what `latest` may name before `latest` has moved
@@ -72,6 +97,7 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep_last: i
                 shutil.rmtree(aside)
             os.replace(final, aside)
         os.replace(root / tmp_tag, final)
+        _fsync(root)
         _atomic_write(root / LATEST, final.name)
         _prune(root, final, keep_last)
     dist.barrier()

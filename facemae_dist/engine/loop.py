@@ -395,6 +395,21 @@ class StopFlag:
 # ---------------------------------------------------------------- logging
 
 
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl without the rows after ``step`` (and a line cut by a kill)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class Logger:
     """Rank 0: a console line, metrics.jsonl and TensorBoard scalars.
 
@@ -404,22 +419,29 @@ class Logger:
     """
 
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
-        self.enabled, self.total = enabled, total_steps
-        self.begin(0, 0)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        self.tb = None
-        if enabled:
+        self.enabled, self.total, self.run_dir = enabled, total_steps, run_dir
+        self.jsonl, self.tb = None, None
+        self.start = self.last = time.perf_counter()
+        self.start_step, self.last_samples = 0, 0
+
+    def begin(self, step: int, samples: int) -> None:
+        """The loop starts (or resumes) at `step` with `samples` seen: the clock starts here, and
+        the logs lose what a killed run wrote after that step (those steps are trained again)."""
+        self.start = self.last = time.perf_counter()
+        self.start_step, self.last_samples = step, samples
+        if self.enabled and self.jsonl is None:
+            path = self.run_dir / "metrics.jsonl"
+            if step and path.is_file():
+                _keep_rows_up_to(path, step)
+            self.jsonl = open(path, "a")  # noqa: SIM115
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the killed run's events from that step on
+                tb_dir = str(self.run_dir / "tensorboard")
+                self.tb = SummaryWriter(tb_dir, purge_step=step + 1 if step else None)
             except ImportError:
                 self.tb = None
-
-    def begin(self, step: int, samples: int) -> None:
-        """The loop starts (or resumes) at `step` with `samples` seen: the clock starts here."""
-        self.start = self.last = time.perf_counter()
-        self.start_step, self.last_samples = step, samples
 
     def log(self, step: int, samples: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
