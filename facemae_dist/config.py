@@ -19,6 +19,13 @@ from facemae_dist.errors import FacemaeError
 
 T = TypeVar("T")
 
+# each trainer's config class: its command, its configs/ folder, and the top-level sections only it
+# has (an unknown one of those means the file was written for the other trainer)
+_TRAINERS = {
+    "PretrainConfig": ("facemae pretrain", "configs/mae", ("irm", "model")),
+    "RecogConfig": ("facemae train", "configs/recog", ("backbone", "eval", "head")),
+}
+
 
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
@@ -39,11 +46,25 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
             f"config base: files form a cycle ({cycle}): remove one of these base: lines"
         )
     if not path.is_file():
-        raise FacemaeError(f"config file {path} not found: pass an existing YAML (see configs/)")
+        # a base: target: name the file whose base: line points here, not only the missing one
+        if _chain:
+            what = f"{_chain[-1]}: base: {path}"
+            fix = (
+                "make that base: line name an existing .yaml file "
+                f"(relative to {_chain[-1].name}'s folder)"
+            )
+        else:
+            what, fix = f"config {path}", "pass a .yaml file (see configs/)"
+        kind = "is a folder, not a file" if path.is_dir() else "not found"
+        raise FacemaeError(f"{what} {kind}: {fix}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise FacemaeError(f"{path} is not valid YAML: {exc}") from None
+        # PyYAML's message spans lines (context, snippet, caret): keep the position and the problem
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise FacemaeError(f"{path}: invalid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise FacemaeError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -114,8 +135,9 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        hint = "" if where else _other_trainer_hint(cls, unknown[0])
         raise FacemaeError(
-            f"unknown config key {where + '.' if where else ''}{unknown[0]}; "
+            f"unknown config key {where + '.' if where else ''}{unknown[0]}{hint}; "
             f"valid keys here: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
@@ -146,8 +168,26 @@ def model_json_kind(meta: Any) -> str | None:
     return None
 
 
+def _other_trainer_hint(cls: type, key: str) -> str:
+    """A hint that the file is for the other trainer when top-level `key` is a section only that
+    trainer's config has (irm for pretrain, head for train), else ""."""
+    for name, (command, _, sections) in _TRAINERS.items():
+        if name != cls.__name__ and key in sections:
+            return f" (this looks like a `{command}` config)"
+    return ""
+
+
 def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
-    return from_dict(cls, apply_overrides(load_yaml(path), overrides))
+    data = load_yaml(path)
+    # an empty file leaves data.train unset, which would surface later as "no shard manifest at
+    # manifest.json": say here that the file set nothing
+    if not data and not any(o.startswith("data.train=") for o in overrides):
+        folder = _TRAINERS.get(cls.__name__, ("", "configs", ()))[1]
+        raise FacemaeError(
+            f"config file {path} is empty (data.train is not set): pass a config from {folder}/, "
+            "or set data.train=SHARDS/train"
+        )
+    return from_dict(cls, apply_overrides(data, overrides))
 
 
 def to_dict(cfg: Any) -> dict:

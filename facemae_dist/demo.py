@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from facemae_dist.config import read_json
 from facemae_dist.errors import FacemaeError
@@ -52,6 +53,7 @@ QUICK = DemoSize("50x8", 24, "24x8", 400, teacher_steps=30, pretrain_steps=20, r
 FULL = DemoSize(
     "300x16", 150, "100x10", 2000, teacher_steps=300, pretrain_steps=600, recog_steps=250
 )
+MASK_RATIO = 0.75  # of the demo's releases (`facemae sweep` tries others)
 
 
 def free_port() -> int:
@@ -64,7 +66,9 @@ def free_port() -> int:
 class Demo:
     """One demo run folder; every stage is a separate process started like a user would."""
 
-    def __init__(self, out: Path, size: DemoSize, mask_ratio: float = 0.75, seed: int = 0) -> None:
+    def __init__(
+        self, out: Path, size: DemoSize, mask_ratio: float = MASK_RATIO, seed: int = 0
+    ) -> None:
         self.out, self.size, self.mask_ratio, self.seed = out, size, mask_ratio, seed
         self.log = out / "demo.log"
 
@@ -250,10 +254,7 @@ class StageJournal:
                 self.path, "demo journal", f"remove {self.path} to run every stage again"
             )
             if state.get("settings") != settings:
-                raise FacemaeError(
-                    f"{out} holds a demo with other settings ({state.get('settings')}): run with "
-                    f"those, or choose another --out"
-                )
+                raise FacemaeError(other_settings_message(out, state.get("settings")))
             self.done: dict[str, dict] = state["done"]
         elif out.is_dir() and any(out.iterdir()):
             raise FacemaeError(
@@ -282,12 +283,44 @@ class StageJournal:
         os.replace(tmp, self.path)
 
 
+def demo_settings(quick: bool, seed: int) -> dict:
+    """What RUN/stages.json records of `facemae demo [--quick] --seed SEED`; a rerun on the folder
+    must record the same."""
+    return {"size": asdict(QUICK if quick else FULL), "seed": seed, "mask_ratio": MASK_RATIO}
+
+
+def demo_flags(settings: Any) -> str | None:
+    """The `facemae demo` flags that give journal `settings` ("--quick --seed 0"), or None where no
+    flags of this version do (a journal written by another version)."""
+    seed = settings.get("seed") if isinstance(settings, dict) else None
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        for quick in (True, False):
+            if settings == demo_settings(quick, seed):
+                return f"--quick --seed {seed}" if quick else f"--seed {seed}"
+    return None
+
+
+def other_settings_message(out: Path, stored: Any) -> str:
+    """Why a rerun on `out` is refused, in flags a user types (not the journal's raw dict)."""
+    flags = demo_flags(stored)
+    if flags is None:
+        return (
+            f"{out} holds a demo with other settings (of another toolkit version): "
+            f"choose another --out, or remove {out} to start over"
+        )
+    made = flags if "--quick" in flags else f"{flags} (full size, no --quick)"
+    return (
+        f"{out} holds a demo with other settings: it was made with {made}: run "
+        f"`facemae demo {flags} --out {out}`, or choose another --out"
+    )
+
+
 def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
     """Steps 1–7 (see the module docstring); returns the report dict."""
     out = Path(out_dir)
     size = QUICK if quick else FULL
     demo, timings = Demo(out, size, seed=seed), {}
-    journal = StageJournal(out, {"size": asdict(size), "seed": seed, "mask_ratio": demo.mask_ratio})
+    journal = StageJournal(out, demo_settings(quick, seed))
     journal.run("1 synthesize + shard + pairs", demo.data, timings)
     journal.run(
         "2 teacher recognizer (seen ids)",

@@ -368,15 +368,23 @@ def submit(args: argparse.Namespace) -> Any:
 
 # submit's own options; every other argument goes to the stage (and all of them after `--`)
 OPTIONS: dict[str, dict[str, Any]] = {
-    "--cluster": {"default": "auto", "choices": ["auto", "slurm", "local", "debug"]},
-    "--nodes": {"type": int, "default": 1},
+    "--cluster": {
+        "default": "auto",
+        "choices": ["auto", "slurm", "local", "debug"],
+        "help": "where to run; auto: Slurm where srun exists, else local (default: %(default)s)",
+    },
+    "--nodes": {"type": int, "default": 1, "help": "nodes of the job (default: %(default)s)"},
     "--tasks-per-node": {"type": int, "default": 0, "help": "default: GPUs per node, or 1"},
     "--gpus-per-node": {"type": int, "default": 0, "help": "default 0: no GPU request"},
-    "--cpus-per-task": {"type": int, "default": 8},
+    "--cpus-per-task": {
+        "type": int,
+        "default": 8,
+        "help": "CPU cores per task (rank), for data loading (default: %(default)s)",
+    },
     "--mem-gb": {"type": float, "default": 0, "help": "memory per node (default: the cluster's)"},
     "--time": {"type": int, "default": 24 * 60, "metavar": "MIN", "help": "time limit, minutes"},
-    "--partition": {"default": None},
-    "--account": {"default": None},
+    "--partition": {"default": None, "help": "Slurm partition (default: the cluster's)"},
+    "--account": {"default": None, "help": "Slurm account to charge (default: the user's)"},
     "--signal-delay": {"type": int, "default": 300, "metavar": "S", "help": "warn S s before"},
     "--runs": {"default": "runs", "help": "root of the default run directories"},
     "--log-dir": {"default": None, "help": "submitit folder (default: <run dir>/submitit)"},

@@ -134,3 +134,25 @@ def test_stage_journal_skips_finished_stages_and_refuses_other_settings(tmp_path
     (out / "stages.json").write_text("{")  # damaged by hand: named, with the fix
     with pytest.raises(FacemaeError, match="stages.json is not valid JSON.*remove"):
         StageJournal(out, {"seed": 0})
+
+
+def test_rerun_with_other_flags_names_the_flags_that_made_the_folder(tmp_path):
+    """A folder made with --quick, run again without it: the refusal says which flags made it and
+    the command to continue it, not the journal's settings dict."""
+    from facemae_dist.demo import StageJournal, demo_flags, demo_settings
+    from facemae_dist.errors import FacemaeError
+
+    out = tmp_path / "demo"
+    StageJournal(out, demo_settings(quick=True, seed=0))
+    with pytest.raises(FacemaeError) as err:
+        StageJournal(out, demo_settings(quick=False, seed=0))
+    message = str(err.value)
+    assert "made with --quick --seed 0" in message and "{" not in message
+    assert f"run `facemae demo --quick --seed 0 --out {out}`, or choose another --out" in message
+    StageJournal(out, demo_settings(quick=True, seed=0))  # the command it gives is accepted
+    assert demo_flags(demo_settings(quick=False, seed=3)) == "--seed 3"
+    assert demo_flags({"seed": 0}) is None and demo_flags(None) is None
+    full = tmp_path / "full"
+    StageJournal(full, demo_settings(quick=False, seed=2))
+    with pytest.raises(FacemaeError, match=r"made with --seed 2 \(full size, no --quick\)"):
+        StageJournal(full, demo_settings(quick=True, seed=2))

@@ -210,6 +210,9 @@ def test_shared_settings_are_checked_by_both_trainers():
             cfg = load_config(cls, REPO / config, [override, "data.train=/nonexistent"])
             with pytest.raises(FacemaeError, match=message):
                 module.validate(cfg, 1)
+        cfg = load_config(cls, REPO / config, ["data.train=''"])
+        with pytest.raises(FacemaeError, match="data.train is not set: pass data.train="):
+            module.validate(cfg, 1)
 
 
 def test_base_cycles_and_the_override_example(tmp_path):

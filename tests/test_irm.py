@@ -260,6 +260,7 @@ def test_teacher_precision_follows_the_engine_or_the_config(tmp_path) -> None:
     cfg.teacher_precision = "bf16"
     assert build_irm(cfg, torch.device("cpu"), "fp32").autocast_dtype == torch.bfloat16
     bad = PretrainConfig()
+    bad.data.train = "/nonexistent"  # checked after the IRM options
     bad.irm = IRMConfig(weight=0.0, teacher_precision="fp16")
     with pytest.raises(FacemaeError, match="irm.teacher_precision must be"):
         validate(bad, 1)
@@ -330,3 +331,38 @@ def test_folding_skips_batch_statistics_and_handles_plain_batchnorm() -> None:
     assert isinstance(net[1], nn.Identity) and isinstance(net[6], nn.Identity)
     assert isinstance(net[3], nn.BatchNorm2d)
     torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_irm_teacher_may_be_a_train_run_folder(tmp_path) -> None:
+    """irm.teacher=RUN (a finished `facemae train` folder) means RUN/backbone.safetensors; a folder
+    without it says which file to pass."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from facemae_dist.config import load_config
+    from facemae_dist.engine.pretrain import IRMConfig, PretrainConfig, build_irm, validate
+    from facemae_dist.models.backbones import build_backbone
+
+    run = tmp_path / "recog"
+    run.mkdir()
+    save_file(build_backbone("tiny", 32).state_dict(), str(run / "backbone.safetensors"))
+    (run / "model.json").write_text(
+        json.dumps({"backbone": "tiny", "embedding_size": 32, "kwargs": {}})
+    )
+    config = Path(__file__).resolve().parents[1] / "configs/mae/tiny_cpu.yaml"
+    data = f"data.train={tmp_path / 'no-shards'}"
+    irm = ["irm.weight=1", f"irm.teacher={run}", "irm.teacher_arch=tiny"]
+    with pytest.raises(FacemaeError, match="irm.teacher_embedding=32"):  # model.json was read
+        validate(load_config(PretrainConfig, config, [data, *irm]), 1)
+    with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
+        validate(load_config(PretrainConfig, config, [data, *irm, "irm.teacher_embedding=32"]), 1)
+    cfg = IRMConfig(teacher=str(run), teacher_arch="tiny", teacher_embedding=32)
+    assert build_irm(cfg, torch.device("cpu")) is not None
+    (run / "backbone.safetensors").unlink()
+    with pytest.raises(FacemaeError) as err:
+        validate(load_config(PretrainConfig, config, [data, *irm]), 1)
+    assert "is a folder without backbone.safetensors: pass the backbone.safetensors" in str(
+        err.value
+    )

@@ -142,6 +142,8 @@ def validate_common(cfg: Any) -> None:
         )
     if engine.deepspeed_config:
         deepspeed_fragment(engine.deepspeed_config)  # missing or not JSON: fail before start-up
+    if not cfg.data.train:
+        raise FacemaeError("data.train is not set: pass data.train=SHARDS/train (a split folder)")
 
 
 def deepspeed_fragment(value: str) -> dict[str, Any]:

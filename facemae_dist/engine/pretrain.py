@@ -100,7 +100,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
                 "IRM needs a teacher: set irm.teacher to a recognizer's .safetensors "
                 "(train one with `facemae train`), or irm.weight=0 for the MSE-only ablation"
             )
-        if not Path(irm.teacher).is_file():
+        if not teacher_file(irm.teacher).is_file():
             raise FacemaeError(
                 f"irm.teacher {irm.teacher} not found: train a recognizer with `facemae train` first"
             )
@@ -119,11 +119,25 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
     return micro
 
 
+def teacher_file(teacher: str) -> Path:
+    """The weights irm.teacher names: a file as given, or in a finished `facemae train` run's
+    folder its backbone.safetensors (a run folder is what load_recognizer accepts too)."""
+    path = Path(teacher)
+    if not path.is_dir():
+        return path
+    if not (path / "backbone.safetensors").is_file():
+        raise FacemaeError(
+            f"irm.teacher {teacher} is a folder without backbone.safetensors: pass the "
+            "backbone.safetensors of a finished `facemae train` run"
+        )
+    return path / "backbone.safetensors"
+
+
 def check_teacher_meta(irm: IRMConfig) -> None:
     """The model.json `facemae train` writes beside its export names the teacher's architecture:
     irm.teacher_arch, irm.teacher_embedding and irm.teacher_kwargs must agree with it (else loading
     it fails later)."""
-    meta_file = Path(irm.teacher).parent / "model.json"
+    meta_file = teacher_file(irm.teacher).parent / "model.json"
     if not meta_file.is_file():
         return  # a teacher exported elsewhere: the state dict is checked when it is loaded
     fix = "pass the .safetensors of a recognizer trained with `facemae train`"
@@ -152,7 +166,7 @@ def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp3
     from facemae_dist.models.backbones import build_backbone
 
     teacher = load_teacher(
-        cfg.teacher,
+        teacher_file(cfg.teacher),
         lambda: build_backbone(cfg.teacher_arch, cfg.teacher_embedding, **cfg.teacher_kwargs),
     )
     precision = cfg.teacher_precision or engine_precision

@@ -110,7 +110,10 @@ def validate(cfg: RecogConfig, world_size: int) -> tuple[int, int]:
         )
     for path in cfg.eval.pairs:
         if not Path(path).is_file():
-            raise FacemaeError(f"eval.pairs: {path} not found (make one with `facemae make-pairs`)")
+            raise FacemaeError(
+                f"eval.pairs: {path} not found: make one with `facemae make-pairs`, "
+                "or set eval.pairs=[] to skip verification"
+            )
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         raise FacemaeError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
     if cfg.head.optimizer not in OPTIMIZERS:

@@ -410,21 +410,56 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="split folder to release (identities FaceMAE never saw)")
     p.add_argument("output", help="output split folder (shards + manifest.json)")
     d = ReconstructOptions()
-    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument(
+        "--method",
+        default=d.method,
+        choices=METHODS,
+        help="facemae, or a baseline to compare with (default: %(default)s)",
+    )
     p.add_argument("--model", default=None, help="FaceMAE run folder (for --method facemae)")
-    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    p.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=d.mask_ratio,
+        help="share of patches masked, for facemae and masked (default: %(default)s)",
+    )
     p.add_argument(
         "--copies", type=int, default=d.copies, help="reconstructions per face, different masks"
     )
     p.add_argument(
         "--no-paste-visible", action="store_true", help="use the model's prediction for every patch"
     )
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
-    p.add_argument("--blur-sigma", type=float, default=d.blur_sigma)
-    p.add_argument("--noise-std", type=float, default=d.noise_std)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=d.jpeg_quality,
+        help="JPEG quality of the released faces, 1-100 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--blur-sigma",
+        type=float,
+        default=d.blur_sigma,
+        help="Gaussian blur in pixels, for --method blur (default: %(default)s)",
+    )
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=d.noise_std,
+        help="noise std in the [-1, 1] image range, for --method noise (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="faces per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the masks and noise (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     return p
 
 

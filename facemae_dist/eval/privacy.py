@@ -380,12 +380,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("released", help="released split folder (e.g. written by `facemae reconstruct`)")
     p.add_argument("original", nargs="+", help="gallery split folders: originals + distractors")
     p.add_argument("--model", required=True, help="recognizer export (.safetensors + model.json)")
-    p.add_argument("--batch-size", type=int, default=128, metavar="B")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        metavar="B",
+        help="faces per forward pass (default: %(default)s)",
+    )
     p.add_argument("--workers", type=int, default=2, metavar="W", help="decoding processes")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--strict", action="store_true", help="error when a released identity is absent")
     p.add_argument("--out", default=None, help="write the report as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     return p
 
 
