@@ -135,6 +135,7 @@ def test_bad_configs_fail_before_any_process_group(workdir, tmp_path):
         "data.global_batch=15": "not divisible by ranks",
         "irm.weight=1.0": "IRM needs a teacher",
         "model.foo=1": "unknown config key model.foo",
+        "model.kwargs.decoder_dpth=2": "model.kwargs: FaceMAE.__init__() got an unexpected keyword",
     }
     for override, message in cases.items():
         cmd = [str(BIN / "facemae"), "pretrain", "--config", str(CONFIG), f"data.train={workdir / 'shards/train'}",

@@ -91,6 +91,13 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
     validate_common(cfg)
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise FacemaeError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
+    try:
+        with torch.device("meta"):  # no memory, no init: model settings fail here, not in the job
+            build_model(cfg.model)
+    except TypeError as err:  # an argument FaceMAE does not take
+        raise FacemaeError(
+            f"model.kwargs: {err}; see FaceMAE's arguments in facemae_dist/models/mae.py"
+        ) from None
     micro = micro_batch(cfg.data, cfg.engine, world_size)
     irm = cfg.irm
     _check_irm_options(irm.temperature, irm.similarity, irm.direction)
