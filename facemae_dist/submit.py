@@ -389,6 +389,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--runs": {"default": "runs", "help": "root of the default run directories"},
     "--log-dir": {"default": None, "help": "submitit folder (default: <run dir>/submitit)"},
     "--wait": {"action": "store_true", "help": "wait for the job and summarize its result"},
+    "--check": {
+        "action": "store_true",
+        "help": "only check the stage's arguments for this job size, submit nothing",
+    },
 }
 
 
@@ -443,6 +447,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
         stage_main(args.stage)(["--help"])  # argparse prints the help and exits 0
+        return {}
+    if args.check:  # what slurm/*.sh run before their own sbatch
+        preflight(args)
+        size = f"{args.nodes} node(s) x {tasks_per_node(args)} task(s)"
+        print(f"facemae submit: {args.stage} arguments check out for {size}", flush=True)
         return {}
     job = submit(args)
     print(f"submitted {args.stage} as job {job.job_id}; logs in {job.paths.folder}", flush=True)

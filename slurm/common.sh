@@ -19,7 +19,9 @@
 #
 # Outside Slurm, `bash slurm/<stage>.sh CONFIG ...` submits itself with sbatch, sized from the environment:
 #   NODES, GPUS_PER_NODE (=> --gpus-per-node and one task per GPU), CPUS_PER_TASK, PARTITION, TIME_LIMIT,
-#   ACCOUNT; FACEMAE_DRY_RUN=1 prints the sbatch command (shell-quoted) instead of running it.
+#   ACCOUNT; FACEMAE_DRY_RUN=1 prints the sbatch command (shell-quoted) instead of running it. First it runs
+#   the stage's own checks for that job size (`facemae submit --check`): a bad key or value fails now,
+#   not after the queue (FACEMAE_SKIP_PREFLIGHT=1 where this node cannot see the job's paths).
 # Other knobs: FACEMAE_HOME, FACEMAE_RUNS (default runs), FACEMAE_OUT_KEY (default run.out_dir; empty:
 #   pass no run directory), FACEMAE_ACCELERATOR=cpu|gpu (skip detection), FACEMAE_MAX_REQUEUES (default 20),
 #   FACEMAE_SRUN_ARGS (extra srun flags), FACEMAE_MASTER_PORT, OMP_NUM_THREADS (default: cpus per task).
@@ -175,14 +177,31 @@ facemae_check_config() {  # facemae_check_config CONFIG: exists (relative paths:
   [ -f "$1" ] || facemae_die "config $1 not found (paths are relative to $FACEMAE_HOME)"
 }
 
-facemae_self_submit() {  # facemae_self_submit <config to check, or ""> ARGS...: outside Slurm, sbatch the script
-  local script config=$1  # that called it, sized from the environment
-  shift
+facemae_preflight() {  # facemae_preflight STAGE ARGS...: the stage's own checks for this job size
+  # (config keys and values, paths, batch vs ranks) before the job waits in the queue; a login node
+  # that cannot see the compute nodes' paths: FACEMAE_SKIP_PREFLIGHT=1
+  [ "${FACEMAE_SKIP_PREFLIGHT:-0}" = 1 ] && return 0
+  local py=python3
+  [ -x .venv/bin/python ] && [ -z "${VIRTUAL_ENV:-}" ] && py=.venv/bin/python
+  local -a size=(--nodes "${NODES:-1}")
+  [ -n "${GPUS_PER_NODE:-}" ] && size+=(--gpus-per-node "$GPUS_PER_NODE")
+  facemae_log "checking the $1 arguments before sbatch (FACEMAE_SKIP_PREFLIGHT=1 skips this)"
+  DS_ACCELERATOR=cpu "$py" -m facemae_dist.submit --check "${size[@]}" "$@" >&2 || exit 2
+}
+
+facemae_self_submit() {  # facemae_self_submit STAGE <config to check, or ""> ARGS...: outside Slurm, sbatch
+  local script stage=$1 config=$2 # the script that called it, sized from the environment
+  shift 2
   script=$(realpath "$0")
   FACEMAE_HOME=$(facemae_home)
   export FACEMAE_HOME
   cd "$FACEMAE_HOME" || exit 2
-  [ -z "$config" ] || facemae_check_config "$config" # before anything is built or submitted
+  if [ -n "$config" ]; then # before anything is built or submitted
+    facemae_check_config "$config"
+    facemae_preflight "$stage" --config "$@"
+  else
+    facemae_preflight "$stage" "$@"
+  fi
   local -a flags=(--output="${FACEMAE_RUNS:-runs}/logs/%x-%j.out")
   [ -n "${NODES:-}" ] && flags+=(--nodes="$NODES")
   [ -n "${GPUS_PER_NODE:-}" ] && flags+=(--gpus-per-node="$GPUS_PER_NODE" --ntasks-per-node="$GPUS_PER_NODE")
@@ -204,7 +223,7 @@ facemae_self_submit() {  # facemae_self_submit <config to check, or ""> ARGS...:
 facemae_stage() {  # facemae_stage <stage> <python module> ARGS...: `python -m MODULE ARGS` on every task
   local stage=$1 module=$2
   shift 2
-  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "" "$@"
+  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "${module#facemae_dist.}" "" "$@"
   facemae_traps
   facemae_setup
   _facemae_run "$stage" "$module" "" "$@"
@@ -215,7 +234,7 @@ facemae_trainer() {  # facemae_trainer <stage> <python module> CONFIG [key=value
   shift 2
   [ "${1:-}" = --config ] && shift
   [ $# -ge 1 ] || facemae_die "usage: sbatch [sbatch flags] slurm/<script>.sh CONFIG [key=value ...]"
-  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "$1" "$@"
+  [ -n "${SLURM_JOB_ID:-}" ] || facemae_self_submit "${module#facemae_dist.}" "$1" "$@"
   facemae_traps
   facemae_setup
   local config=$1 key=${FACEMAE_OUT_KEY-run.out_dir} out="" arg

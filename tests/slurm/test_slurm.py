@@ -121,7 +121,9 @@ def test_usr1_then_scontrol_requeue_resume_to_the_uninterrupted_end(
     assert len(second) == 2 and second[1] > first
     assert f"(step {second[1]})" in text
     assert latest(run_dir) == f"step-{STEPS:08d}"
-    assert metric_steps(run_dir) == list(range(1, STEPS + 1))  # each step once: resumes trim the log
+    assert metric_steps(run_dir) == list(
+        range(1, STEPS + 1)
+    )  # each step once: resumes trim the log
     got, ref = losses(run_dir), losses(mae_reference.run)
     assert got == pytest.approx(ref, rel=1e-4), "resumed losses differ from the uninterrupted run"
 
@@ -240,28 +242,31 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def test_scripts_outside_slurm_submit_themselves_sized_from_env():
-    done = subprocess.run(
-        [
-            "bash",
-            "slurm/train_mae.sh",
-            "--config",
-            str(MAE_CONFIG),
-            "data.train=x",
-            "run.max_steps=5",
-        ],
-        cwd=REPO,
-        env=clean_env(FACEMAE_DRY_RUN="1", NODES="4", GPUS_PER_NODE="8", TIME_LIMIT="2-00:00:00"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def test_scripts_outside_slurm_check_then_submit_themselves_sized_from_env(shards):
+    """`bash slurm/train_mae.sh CONFIG ...` on a login node: the stage's own checks for the job's
+    size run before sbatch (a typo must not wait in the queue), then sbatch with flags from env."""
+
+    def self_submit(*overrides: str) -> subprocess.CompletedProcess:
+        cmd = ["bash", "slurm/train_mae.sh", "--config", str(MAE_CONFIG), *overrides]
+        env = clean_env(FACEMAE_DRY_RUN="1", NODES="4", GPUS_PER_NODE="8", TIME_LIMIT="2-00:00:00")
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    args = [f"data.train={shards}", "data.global_batch=64", "run.max_steps=5"]
+    done = self_submit(*args)
     assert done.returncode == 0, done.stderr
+    assert "arguments check out for 4 node(s) x 8 task(s)" in done.stderr
     words = done.stdout.split()
     assert words[0] == "sbatch" and "--nodes=4" in words and "--time=2-00:00:00" in words
     assert "--gpus-per-node=8" in words and "--ntasks-per-node=8" in words
-    assert words[-3:] == [str(MAE_CONFIG), "data.train=x", "run.max_steps=5"]
-    assert words[-4] == str(REPO / "slurm/train_mae.sh")
+    assert words[-3:] == [str(MAE_CONFIG), *args][-3:]
+    assert words[-5] == str(REPO / "slurm/train_mae.sh")
+    for bad, message in [
+        ("optim.lrr=1", "unknown config key optim.lrr"),
+        ("data.global_batch=48", "not divisible by ranks"),  # 48 faces over 32 ranks
+    ]:
+        done = self_submit(*args, bad)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and not done.stdout
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
