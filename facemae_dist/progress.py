@@ -21,7 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# logs are not terminals: rich would lay tables out for 80 columns there and cut their headers
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 class ProgressBar:

@@ -51,3 +51,18 @@ def test_eval_checks_its_out_file_before_the_work(tmp_path):
         "eval", "--model", str(tmp_path / "none"), "--pairs", "x.bin", "--out", str(tmp_path)
     )
     assert done.returncode == 2 and "is a folder: give a file name" in done.stderr, done.stderr
+
+
+def test_tables_in_logs_keep_their_headers():
+    """A log (not a terminal) gets the demo's whole table: rich laid it out for 80 columns and cut
+    the headers ("verif…", "leaka…")."""
+    from facemae_dist.report import _COLUMNS
+
+    code = (
+        "from facemae_dist.report import print_demo_table, _COLUMNS\n"
+        "print_demo_table([{k: 0.5 for k, _, _ in _COLUMNS} | {'method': 'facemae-irm'}], 't')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for _, header, _ in _COLUMNS:
+        assert header in done.stderr
