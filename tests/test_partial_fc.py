@@ -225,6 +225,23 @@ def test_buffers_are_reused_across_steps() -> None:
     assert pointers[1] == pointers[2]
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_validation_pass_under_inference_mode_leaves_training_working(rate: float) -> None:
+    """Buffers made under torch.inference_mode cannot be written by a training step: they are not
+    kept for reuse (a larger validation batch used to replace the training buffers and crash)."""
+    torch.manual_seed(3)
+    head = make_head(8, 20, sample_rate=rate)
+    opt = PartialFCOptimizer(head)
+    head(torch.randn(4, 8), torch.randint(0, 20, (4,))).backward()
+    opt.step()
+    with torch.inference_mode():
+        head.eval()(torch.randn(16, 8), torch.randint(0, 20, (16,)))
+    loss = head.train()(torch.randn(4, 8), torch.randint(0, 20, (4,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
 def test_eval_mode_freezes_centres_not_embeddings() -> None:
     head = make_head(8, 20).eval()
     emb = torch.randn(4, 8, requires_grad=True)

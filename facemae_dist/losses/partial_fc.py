@@ -144,6 +144,8 @@ class _Workspace:
         if tensor is None:
             return
         base = (tensor if tensor._base is None else tensor._base).detach()
+        if base.is_inference():  # made under inference_mode: a training step could not write it
+            return
         if base.is_contiguous() and base.dtype == torch.float32:
             base = base.view(-1)
             held = self._free.get(name)
