@@ -61,6 +61,20 @@ def test_resume_skips_exactly_the_batches_already_seen(sharded_split, workers, s
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_reads_each_sample_at_most_once_over_ranks_and_workers(sharded_split, workers):
+    """28 faces in 7 shards, 2 ranks x 3 faces: 4 batches per rank use 24 distinct faces; the 4
+    that do not fill a global batch wait for another epoch. The shuffle buffer (larger than a
+    slot's part) must not hold any back, nor may a slot wrap around into a second pass."""
+    for epoch in (0, 1):
+        keys = []
+        for rank in (0, 1):
+            stream = FaceStream(sharded_split, 3, rank=rank, world_size=2, shuffle_buffer=100)
+            stream.set_epoch(epoch)
+            keys += [k for batch in keys_of(make_loader(stream, workers)) for k in batch]
+        assert len(keys) == 24 and len(set(keys)) == 24, sorted(keys)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_starting_an_epoch_leaves_the_global_generator_alone(sharded_split, workers):
     """A resumed run restores torch's global RNG, then starts its epoch: if the loader drew from it,
     every dropout/drop-path mask after a mid-epoch resume would differ from the uninterrupted run."""

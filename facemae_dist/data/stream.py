@@ -1,10 +1,14 @@
 """Reading shards for training and inference: rank/worker split, shuffling, decode, flip, batching.
 
-Training streams (``repeat=True``) give every rank exactly ``batches_per_epoch`` batches, whatever
-the shard count: each (rank, worker) slot cycles through its own shards, so a slot that runs out
-wraps around instead of ending early and hanging the collective ops of the other ranks. Everything
-random is seeded by (seed, epoch, slot), which makes the stream reproducible and lets a resumed run
-skip the batches it already trained on (skipped samples are never decoded).
+Training streams (``repeat=True``) read every sample at most once per epoch and give every rank
+exactly ``batches_per_epoch`` batches, whatever the shard count: each epoch the shards are put in a
+new order (the same on every rank), their samples form one sequence (counts from the manifest),
+and each (rank, worker) slot reads its own contiguous part of it, as many samples as its batches
+need; a part may begin or end inside a shard. What does not fill a global batch (fewer than
+ranks x micro-batch samples) waits for another epoch. A slot shuffles its part through a buffer that
+is emptied at the part's end. Everything random is seeded by (seed, epoch, slot), which makes the
+stream reproducible and lets a resumed run skip the batches it already trained on (skipped samples
+are never decoded).
 
 Inference streams (``repeat=False``) read each shard once, the last batch may be short.
 """
@@ -240,44 +244,63 @@ class FaceStream(IterableDataset):
         return self.rank * workers + role, self.world_size * workers, role, workers
 
     def _slot_shards(self, slot: int, num_slots: int) -> list[int]:
-        order = list(range(len(self.urls)))
-        if self.repeat:  # same permutation on every rank: shards move between ranks per epoch
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
-        if len(order) >= num_slots or not self.repeat:
-            return order[slot::num_slots]
-        if slot == 0:
-            warnings.warn(
-                f"{len(order)} shards for {num_slots} reader slots (ranks × workers): some shards "
-                "are read by several slots; re-shard with smaller --samples-per-shard",
-                stacklevel=2,
-            )
-        return [order[slot % len(order)]]
+        """Inference: every slot reads whole shards, each shard once."""
+        return list(range(len(self.urls)))[slot::num_slots]
 
-    def _raw_samples(self, shards: list[int], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _slot_part(self, role: int, workers: int) -> tuple[int, int]:
+        """Training: [start, stop) of this slot in the epoch's sample sequence; slots follow each
+        other by rank, then by role (a rank's batches alternate between its workers' roles)."""
+        per_batch = self.batch_size
+        start = self.rank * self.batches_per_epoch * per_batch
+        start += sum(_share(self.batches_per_epoch, r, workers) for r in range(role)) * per_batch
+        return start, start + _share(self.batches_per_epoch, role, workers) * per_batch
+
+    def _part_samples(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Samples [start, stop) of the epoch's sequence: the shards in this epoch's order (the same
+        on every rank), one after the other. A bad shard that is skipped leaves the part short: then
+        the part is read again from its start to fill the slot's quota (equal steps on every rank)."""
+        order = list(range(len(self.urls)))
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
         while True:
-            if self.repeat:
-                rng.shuffle(shards)
-            yielded = 0
-            for index in shards:
-                expected = self.shard_samples[index] if self.shard_samples else None
+            yielded, first = 0, 0  # first: sequence position of the shard's first sample
+            for index in order:
+                count = self.shard_samples[index]
+                if first + count <= start:
+                    first += count
+                    continue
+                if first >= stop:
+                    break
                 try:
-                    for sample in read_shard(self.urls[index], expected):
-                        yielded += 1
-                        yield sample
+                    for pos, sample in enumerate(read_shard(self.urls[index], count), first):
+                        if pos >= stop:
+                            break
+                        if pos >= start:
+                            yielded += 1
+                            yield sample
                 except BadShardError as exc:
                     if not self.skip_bad_shards:
                         raise
                     self.bad_shards += 1
                     warnings.warn(f"skipping: {exc}", stacklevel=2)
-            if not self.repeat or not shards:
+                first += count
+            if yielded == stop - start:
                 return
-            if not yielded:  # cycling again would spin forever without a sample
-                names = ", ".join(os.path.basename(self.urls[i]) for i in shards)
+            if not yielded:  # reading the part again would spin forever without a sample
                 raise BadShardError(
-                    f"rank {self.rank}'s shards ({names}) hold no readable sample (empty or all "
-                    "skipped as bad): re-create them with `facemae shard --resume`, or re-shard "
-                    "so that every shard holds samples"
+                    f"rank {self.rank}'s shards of epoch {self.epoch} hold no readable sample (all "
+                    "skipped as bad): re-create them with `facemae shard --resume`"
                 )
+
+    def _inference_samples(self, shards: list[int]) -> Iterator[dict[str, Any]]:
+        for index in shards:
+            expected = self.shard_samples[index] if self.shard_samples else None
+            try:
+                yield from read_shard(self.urls[index], expected)
+            except BadShardError as exc:
+                if not self.skip_bad_shards:
+                    raise
+                self.bad_shards += 1
+                warnings.warn(f"skipping: {exc}", stacklevel=2)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.repeat or self.shuffle_buffer <= 1:
@@ -318,9 +341,9 @@ class FaceStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, num_slots, worker, workers = self._slot()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
-        samples = self._shuffled(self._raw_samples(self._slot_shards(slot, num_slots), rng), rng)
         if self.repeat:  # this worker's share of the rank's batches, minus those already seen
+            rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
+            samples = self._shuffled(self._part_samples(*self._slot_part(worker, workers)), rng)
             quota = _share(self.batches_per_epoch, worker, workers)
             skip = _share(self.skip_batches, worker, workers)
             for _ in range(skip * self.batch_size):
@@ -330,7 +353,7 @@ class FaceStream(IterableDataset):
                 yield self._batch(batch, self._flip_rng(slot, index))
             return
         batch: list[dict] = []
-        for sample in samples:
+        for sample in self._inference_samples(self._slot_shards(slot, num_slots)):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._batch(batch, self._flip_rng(slot, 0))
