@@ -24,6 +24,17 @@ def test_jpeg_with_bytes_after_eoi_is_accepted(trailer: bytes) -> None:
     assert check_image(data) == ("jpg", (112, 112))
 
 
+@pytest.mark.parametrize(
+    "trailer", [b"\n", b"\x00" * 16, b"junk" * 25], ids=["lf", "zeros", "data"]
+)
+def test_png_with_bytes_after_iend_is_accepted(trailer: bytes) -> None:
+    data = jpeg_bytes(1, fmt="PNG") + trailer
+    Image.open(io.BytesIO(data)).load()  # decoders accept it, so the sharder must too
+    assert check_image(data) == ("png", (112, 112))
+    with pytest.raises(BadImage, match="truncated"):
+        check_image(data[: data.rfind(b"IEND") + 6])  # a cut inside the IEND chunk's CRC
+
+
 def _with_thumbnail(data: bytes) -> bytes:
     """The JPEG with an APP1 (EXIF) segment holding a whole thumbnail JPEG, FFD9 included, put
     after the frame header (just before SOS) so a cut after it still has a readable size."""

@@ -273,3 +273,54 @@ def test_shard_root_names_its_splits(tmp_path):
     with pytest.raises(FacemaeError) as err:
         load_manifest(str(root))
     assert f"{root}/train or {root}/unseen" in str(err.value)
+
+
+def test_resume_refuses_shards_written_with_other_labels(tmp_path):
+    """A corrected label list must not keep shards that carry the old labels."""
+    faces = [jpeg_bytes(i) for i in range(8)]
+    first = MemorySource([(0, f) for f in faces[:4]] + [(1, f) for f in faces[4:]])
+    shard_dataset(first, tmp_path, opts(samples_per_shard=4))
+    (tmp_path / "train/faces-000001.tar").unlink()  # killed before the second shard
+    fixed = MemorySource([(0, f) for f in faces[:2]] + [(1, f) for f in faces[2:]])
+    with pytest.raises(FacemaeError, match="different source or options \\(labels"):
+        shard_dataset(fixed, tmp_path, opts(samples_per_shard=4, resume=True))
+
+
+class _DyingSource(MemorySource):
+    """Item 5 kills the worker process that reads it (what the OOM killer does)."""
+
+    parent = os.getpid()
+
+    def read(self, index: int):
+        if index == 5 and os.getpid() != self.parent:
+            os.kill(os.getpid(), 9)
+        return super().read(index)
+
+
+def test_a_killed_writer_process_ends_the_run_with_a_resume_hint(tmp_path):
+    source = _DyingSource([(i % 3, jpeg_bytes(i)) for i in range(12)])
+    with pytest.raises(FacemaeError, match="shard writer process died.*--resume"):
+        shard_dataset(source, tmp_path, opts(samples_per_shard=2, workers=2))
+
+
+def test_a_journal_line_cut_by_a_kill_costs_no_later_entry(tmp_path, memory_source):
+    shard_dataset(memory_source, tmp_path, opts(samples_per_shard=8))
+    split = tmp_path / "train"
+    journal = split / ".journal.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # cut inside the third entry
+    (split / "faces-000002.tar").unlink()
+    (split / "faces-000003.tar").unlink()
+    (split / "manifest.json").unlink()
+    shard_dataset(memory_source, tmp_path, opts(samples_per_shard=8, resume=True))
+    from facemae_dist.data.shards import verified_shards
+
+    assert sorted(verified_shards(split)) == [0, 1, 2, 3]
+
+
+def test_a_hold_out_fraction_holds_out_at_least_one_identity(tmp_path):
+    source = make_source(num_ids=5, per_id=2)
+    manifests = shard_dataset(source, tmp_path, opts(holdout_fraction=0.1))
+    assert manifests["unseen"]["num_classes"] == 1
+    with pytest.raises(FacemaeError, match="--holdout-identities must be"):
+        opts(holdout_identities=-1).validate()

@@ -104,9 +104,9 @@ def looks_complete(data: bytes, kind: str) -> bool:
     """True when the file holds a whole JPEG/PNG (cheap truncation check, no decode)."""
     if kind == "jpg":
         return _jpeg_has_eoi(data)
-    tail = data[-64:].rstrip(b"\x00")  # some writers zero-pad
-    if kind == "png":
-        return tail[-12:-4].endswith(b"IEND")
+    if kind == "png":  # the IEND chunk (type + CRC) is whole; bytes after it are ignored by readers
+        end = data.rfind(b"IEND")
+        return end >= 4 and end + 8 <= len(data)
     return True
 
 

@@ -19,9 +19,11 @@ import os
 import shlex
 import sys
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -66,6 +68,8 @@ class ShardOptions:
             raise FacemaeError("--samples-per-shard must be ≥ 1")
         if self.max_shard_bytes is not None and self.max_shard_bytes < 16 * 1024:
             raise FacemaeError("--max-shard-bytes must be at least 16384 (one image plus headers)")
+        if self.holdout_identities < 0:
+            raise FacemaeError(f"--holdout-identities must be ≥ 0, got {self.holdout_identities}")
         if self.holdout_identities and self.holdout_fraction:
             raise FacemaeError("use either --holdout-identities or --holdout-fraction, not both")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -85,10 +89,16 @@ class SplitPlan:
     bounds: np.ndarray  # shard i holds items[bounds[i]:bounds[i+1]]
 
     def fingerprint(self, source: Source, opts: ShardOptions) -> str:
+        """What a shard's bytes depend on: a resume keeps old shards only when all of it matches
+        (labels too: a corrected file list must not keep shards with the old labels)."""
         sha = hashlib.sha256()
-        for arr in (self.items, self.bounds):
+        for arr in (self.items, self.bounds, self.cls, self.identities):
             sha.update(np.ascontiguousarray(arr).tobytes())
+        names = source.identity_names
+        label_names = "\n".join(str(names[i]) for i in self.identities.tolist())
+        sha.update(label_names.encode("utf-8", "surrogateescape"))  # names may not be UTF-8
         sha.update(f"{source.description}|{len(source)}|{opts.image_size}|{opts.name}".encode())
+        sha.update(f"|{opts.full_decode}|{opts.strict}".encode())
         return sha.hexdigest()
 
 
@@ -98,6 +108,8 @@ class SplitPlan:
 def holdout_mask(num_identities: int, opts: ShardOptions) -> np.ndarray:
     """Boolean per identity: True → moved to the `unseen` split (whole identities, seeded)."""
     k = opts.holdout_identities or int(round(opts.holdout_fraction * num_identities))
+    if opts.holdout_fraction and k == 0:  # asked for a hold-out: never silently give none
+        k = 1
     if k >= num_identities:
         raise FacemaeError(
             f"hold-out of {k} identities leaves none of the {num_identities} for training"
@@ -264,6 +276,15 @@ def verified_shards(split_dir: Path, journal_glob: str = _JOURNAL) -> dict[int, 
     return entries
 
 
+def open_journal(path: Path) -> TextIO:
+    """A shard journal opened for appending entries (one JSON line each): a line cut by a kill is
+    ended first, so that it does not swallow the next entry."""
+    journal = open(path, "a")  # noqa: SIM115 (the caller's with-block closes it)
+    if journal.tell() and not path.read_bytes().endswith(b"\n"):
+        journal.write("\n")
+    return journal
+
+
 def save_manifest(split_dir: Path, manifest: dict) -> dict:
     """Write manifest.json atomically (readers never see half of it)."""
     tmp = split_dir / (MANIFEST + ".tmp")
@@ -295,17 +316,22 @@ def _prepare_split_dir(split_dir: Path, fingerprint: str, opts: ShardOptions) ->
                 f"{split_dir} already holds shards: pass --resume to continue that run, "
                 "or choose an empty output directory"
             )
-        old = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+        try:
+            old = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+        except ValueError:  # damaged: the shards' origin is unknown, so they cannot be kept
+            old = {}
         if old.get("fingerprint") != fingerprint:
             raise FacemaeError(
                 f"cannot resume into {split_dir}: it was written from a different source or "
-                "options (seed, shuffle, hold-out, shard size). Use the original command, or an "
-                "empty output directory"
+                "options (labels, seed, shuffle, hold-out, shard size, --strict, --full-decode). "
+                "Use the original command, or an empty output directory"
             )
     split_dir.mkdir(parents=True, exist_ok=True)
     for tmp in split_dir.glob("*.tmp"):
         tmp.unlink()
-    plan_file.write_text(json.dumps({"fingerprint": fingerprint}))
+    tmp = plan_file.with_name(plan_file.name + ".tmp")  # a kill mid-write must not block --resume
+    tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+    os.replace(tmp, plan_file)
     return verified_shards(split_dir)
 
 
@@ -334,9 +360,24 @@ def _run_tasks(tasks: list[dict], source: Source, opts: ShardOptions, on_done) -
     ctx = mp.get_context(method)
     init_arg = None if method == "fork" else source
     _init_worker(source)
-    with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(init_arg,)) as pool:
-        for entry in pool.imap_unordered(write_shard, tasks):
-            on_done(entry)
+    # an executor, not a Pool: a worker killed outright (the OOM killer on a huge image) breaks it
+    # with an error, where Pool.imap waits forever for the dead worker's shard
+    with ProcessPoolExecutor(
+        opts.workers, mp_context=ctx, initializer=_init_worker, initargs=(init_arg,)
+    ) as pool:
+        futures = [pool.submit(write_shard, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                on_done(future.result())
+        except BrokenProcessPool:
+            raise FacemaeError(
+                "a shard writer process died (killed for memory on a huge image?): the shards "
+                "finished so far are kept; run the same command with --resume, with fewer --workers "
+                "if memory is short"
+            ) from None
+        finally:  # on an error (e.g. --strict) stop the queued shards instead of writing them all
+            for future in futures:
+                future.cancel()
 
 
 def _write_split(source: Source, plan: SplitPlan, out_dir: Path, opts: ShardOptions) -> dict:
@@ -345,7 +386,7 @@ def _write_split(source: Source, plan: SplitPlan, out_dir: Path, opts: ShardOpti
     tasks = list(_tasks(plan, split_dir, done, opts))
     kept = sum(len(plan.items[plan.bounds[k] : plan.bounds[k + 1]]) for k in done)
     with (
-        open(split_dir / _JOURNAL, "a") as journal,
+        open_journal(split_dir / _JOURNAL) as journal,
         ProgressBar(f"shard {plan.name}", len(plan.items), "img", opts.progress) as bar,
     ):
         bar.advance(kept)

@@ -34,6 +34,7 @@ from facemae_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     load_manifest,
+    open_journal,
     save_manifest,
     verified_shards,
 )
@@ -355,7 +356,7 @@ def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOpti
     ]
     total = sum(src["shards"][i]["samples"] for i in mine) * opts.copies
     with (
-        open(out / f".journal-rank{info.rank:05d}.jsonl", "a") as journal,
+        open_journal(out / f".journal-rank{info.rank:05d}.jsonl") as journal,
         ProgressBar(f"release {opts.method}", total, "img", opts.progress and info.is_main) as bar,
     ):
         for i in mine:
