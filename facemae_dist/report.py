@@ -82,15 +82,17 @@ def released_faces_grid(
     """The same unseen faces as each released set shows them (matched by their source key)."""
     from facemae_dist.data.shards import load_manifest
     from facemae_dist.data.stream import decode_face, normalize, read_shard
+    from facemae_dist.eval.privacy import ReleaseNames
 
     faces: dict[str, dict[str, torch.Tensor]] = {}
     for method in methods:
         split = out / f"released_{tag}" / method
-        manifest = load_manifest(split)
+        manifest, names = load_manifest(split), ReleaseNames(str(split))
         for sample in read_shard(manifest["urls"][0]):
             meta = json.loads(sample["json"])
             if meta.get("copy", 0) == 0:
-                faces.setdefault(method, {})[meta["source_key"]] = normalize(decode_face(sample))
+                source = names.source(sample["__key__"], meta)
+                faces.setdefault(method, {})[source] = normalize(decode_face(sample))
     keys = sorted(set.intersection(*(set(f) for f in faces.values())))[:n]
     if not keys:
         return None

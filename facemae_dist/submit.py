@@ -465,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return out
 
 
-def summary(result: Any, width: int = 80) -> str:
+def summary(result: Any, width: int = 60) -> str:
     """One line for a stage's result: short values as they are, containers by their size (a
     release manifest's label_map and shards grow with the data set)."""
     if not isinstance(result, dict):

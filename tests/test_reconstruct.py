@@ -35,7 +35,8 @@ def opts(**kw) -> ReconstructOptions:
 
 
 def test_masked_release_keeps_labels_and_blanks_the_mask(unseen, tmp_path):
-    m = reconstruct_split(str(unseen), str(tmp_path / "masked"), opts(method="masked", copies=2))
+    masked = opts(method="masked", copies=2, keep_names=True)
+    m = reconstruct_split(str(unseen), str(tmp_path / "masked"), masked)
     src = load_manifest(unseen)
     assert m["num_samples"] == 2 * src["num_samples"] and m["label_map"] == src["label_map"]
     samples = [s for url in load_manifest(tmp_path / "masked")["urls"] for s in read_shard(url)]
@@ -50,6 +51,35 @@ def test_masked_release_keeps_labels_and_blanks_the_mask(unseen, tmp_path):
         assert grey == 49 - int(49 * 0.25)
     keys = {json.loads(s["json"])["source_key"] for s in samples}
     assert keys == set(originals)  # every face released
+
+
+def test_a_default_release_names_no_one_and_the_audit_maps_it_back(unseen, tmp_path):
+    """Shareable by default: no identity name, source key or input metadata in the released files
+    (keys and classes are positions in the input); the audit recovers names and sources from the
+    input split, which only the data owner has."""
+    from facemae_dist.eval.privacy import ReleaseNames
+
+    out = tmp_path / "blur"
+    reconstruct_split(str(unseen), str(out), opts(method="blur", copies=2))
+    m, src = load_manifest(out), load_manifest(unseen)
+    assert m["pseudonymous"] and m["label_map"] == [f"identity-{i:06d}" for i in range(3)]
+    originals = [(s["__key__"], s["cls"]) for url in src["urls"] for s in read_shard(url)]
+    released = b"".join(Path(url).read_bytes() for url in m["urls"])
+    released += (out / "manifest.json").read_bytes()
+    for name in src["label_map"]:
+        assert json.dumps(name).strip('"').encode() not in released
+    for key, _ in originals:
+        assert key.encode() not in released
+    names = ReleaseNames(str(out))
+    assert names.label_map == src["label_map"]
+    seen = set()
+    for url in m["urls"]:
+        for s in read_shard(url):
+            assert set(json.loads(s["json"])) == {"method", "mask_ratio", "copy"}
+            source = names.source(s["__key__"], {})
+            assert dict(originals)[source] == s["cls"]  # the same face's class
+            seen.add(source)
+    assert seen == {k for k, _ in originals}
 
 
 def test_errors_name_the_fix(unseen, tmp_path):

@@ -62,6 +62,9 @@ class ReconstructOptions:
     patch_size: int = 16  # mask grid of the model-free baselines (FaceMAE uses its own)
     batch_size: int = 64
     seed: int = 0
+    # off: the release names no one (pseudonymous classes, keys and metadata; the audit maps them
+    # back through the input split); on: names, source keys and metadata kept (internal use only)
+    keep_names: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -194,18 +197,20 @@ def release_shard(releaser: Releaser, url: str, expected: int, out_path: Path, s
             for c in range(o.copies)
         ]
         later: list[list[tuple[str, bytes]]] = [[] for _ in gens[1:]]
+        first = 0  # position of the batch's first face in the input shard
         for batch in _batches(url, expected, o.batch_size):
             images = normalize(torch.stack([decode_face(s) for s in batch])).to(releaser.device)
             for copy, gen in enumerate(gens):
                 released = releaser(images, gen).cpu()  # JPEG encoding happens on the host
-                for sample, image in zip(batch, released, strict=True):
-                    files = _sample_files(sample, image, copy, o)
+                for pos, (sample, image) in enumerate(zip(batch, released, strict=True), first):
+                    files = _sample_files(sample, image, (shard, pos, copy), o)
                     if copy:
                         later[copy - 1] += files
                     else:
                         for name, data in files:
                             tar.add(name, data)
                     samples += 1
+            first += len(batch)
         for name, data in itertools.chain.from_iterable(later):
             tar.add(name, data)
         sha = tar.close()
@@ -219,13 +224,24 @@ def release_shard(releaser: Releaser, url: str, expected: int, out_path: Path, s
     }
 
 
+def pseudonymous_key(shard: int, pos: int, copy: int) -> str:
+    """The key of a released face that names no one: where its source sits in the input split
+    (shard index in the input manifest, position in that shard) and which copy it is."""
+    return f"{shard:06d}_{pos:06d}_{copy}"
+
+
 def _sample_files(
-    sample: dict, image: torch.Tensor, copy: int, o: ReconstructOptions
+    sample: dict, image: torch.Tensor, where: tuple[int, int, int], o: ReconstructOptions
 ) -> list[tuple[str, bytes]]:
-    """The tar members of one released face: JPEG, label, and metadata naming its source."""
-    key = f"{sample['__key__']}_{copy}"
-    meta = json.loads(sample.get("json", b"{}"))
-    meta.update(source_key=sample["__key__"], method=o.method, mask_ratio=o.mask_ratio, copy=copy)
+    """The tar members of one released face: JPEG, label and metadata. Without --keep-names the
+    key and metadata carry nothing of the source (its key or json may hold a name or a path)."""
+    shard, pos, copy = where
+    meta: dict[str, Any] = {"method": o.method, "mask_ratio": o.mask_ratio, "copy": copy}
+    if o.keep_names:
+        key = f"{sample['__key__']}_{copy}"
+        meta = json.loads(sample.get("json", b"{}")) | {"source_key": sample["__key__"]} | meta
+    else:
+        key = pseudonymous_key(shard, pos, copy)
     return [
         (f"{key}.jpg", _jpeg(image, o.jpeg_quality)),
         (f"{key}.cls", sample["cls"]),
@@ -259,6 +275,7 @@ def fingerprint(src: dict, opts: ReconstructOptions) -> dict[str, Any]:
         "copies": opts.copies,
         "jpeg_quality": opts.jpeg_quality,
         "batch_size": opts.batch_size,
+        "keep_names": opts.keep_names,
     }
     if opts.method in ("noise", "masked", "facemae"):
         fp["seed"] = opts.seed
@@ -389,7 +406,10 @@ def _merge_manifest(src: dict, out: Path, opts: ReconstructOptions, input_split:
         "split": src["split"],
         "num_samples": sum(e["samples"] for e in entries),
         "num_classes": src["num_classes"],
-        "label_map": src["label_map"],
+        "label_map": src["label_map"] if opts.keep_names else pseudonyms(src["num_classes"]),
+        # the audit maps a pseudonymous release back to names and sources through its input
+        "pseudonymous": not opts.keep_names,
+        "input_split": os.path.abspath(input_split),
         "shards": [{k: e[k] for k in ("file", "samples", "bytes", "sha256")} for e in entries],
         "source": f"released:{opts.method}:{input_split}",
         "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
@@ -397,6 +417,11 @@ def _merge_manifest(src: dict, out: Path, opts: ReconstructOptions, input_split:
         "rejected": [],
     }
     return save_manifest(out, manifest)
+
+
+def pseudonyms(num_classes: int) -> list[str]:
+    """The names a shareable release gives its classes (class i of the input is `identity-i`)."""
+    return [f"identity-{i:06d}" for i in range(num_classes)]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -460,6 +485,13 @@ def parser() -> argparse.ArgumentParser:
         default=d.seed,
         help="seed of the masks and noise (default: %(default)s)",
     )
+    p.add_argument(
+        "--keep-names",
+        action="store_true",
+        help="keep identity names, source keys and the input's per-face metadata in the release "
+        "(internal use: such a release is not shareable; by default it names no one and "
+        "`facemae audit` maps it back through the input split)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     return p
 
@@ -468,7 +500,8 @@ def _options(a: argparse.Namespace) -> ReconstructOptions:
     return ReconstructOptions(
         method=a.method, model=a.model, mask_ratio=a.mask_ratio, copies=a.copies,
         paste_visible=not a.no_paste_visible, jpeg_quality=a.jpeg_quality, blur_sigma=a.blur_sigma,
-        noise_std=a.noise_std, batch_size=a.batch_size, seed=a.seed, progress=not a.no_progress,
+        noise_std=a.noise_std, batch_size=a.batch_size, seed=a.seed, keep_names=a.keep_names,
+        progress=not a.no_progress,
     )  # fmt: skip
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from facemae_dist.data.shards import load_manifest
-from facemae_dist.data.stream import FaceStream, check_image_size, make_loader
+from facemae_dist.data.stream import FaceStream, check_image_size, make_loader, read_shard
 from facemae_dist.errors import FacemaeError
 from facemae_dist.eval.verification import IMAGE_SIZE, embed_pairs, resolve_device
 
@@ -98,6 +98,37 @@ def _identity(meta: dict, cls: int, label_map: list[str], key: str, split: str) 
     )
 
 
+class ReleaseNames:
+    """Identity names and source keys of a split's faces. A pseudonymous release (`facemae
+    reconstruct` without --keep-names) names no one: its class i is the input split's class i and
+    its key `SSSSSS_PPPPPP_C` is the face at position P of the input's shard S, so both are read
+    from the input split, which the auditor (who holds the originals) has."""
+
+    def __init__(self, split: str) -> None:
+        manifest = load_manifest(split)
+        self.split, self.input = split, None
+        if manifest.get("pseudonymous"):
+            self.input = manifest.get("input_split", "")
+            if not Path(self.input).is_dir():
+                raise FacemaeError(
+                    f"{split} is a release that names no one: the audit maps it back through the "
+                    f"split it was made from, {self.input or '(not recorded)'}, which is not there; "
+                    "put that split back at that path"
+                )
+            manifest = load_manifest(self.input)
+        self.label_map: list[str] = manifest["label_map"]
+        self._urls: list[str] = manifest["urls"]
+        self._keys: dict[int, list[str]] = {}
+
+    def source(self, key: str, meta: dict) -> str:
+        if self.input is None:
+            return str(meta.get("source_key", key))
+        shard, pos, _ = (int(part) for part in key.split("_"))
+        if shard not in self._keys:  # keys only: the input's images are not decoded
+            self._keys[shard] = [s["__key__"] for s in read_shard(self._urls[shard])]
+        return self._keys[shard][pos]
+
+
 def embed_split(
     model: nn.Module,
     split_dirs: Paths,
@@ -118,7 +149,7 @@ def embed_split(
     keys: list[str] = []
     sources: list[str] = []
     for split in _as_list(split_dirs):
-        label_map = load_manifest(split)["label_map"]
+        names = ReleaseNames(split)
         stream = _MetaStream(split, batch_size, repeat=False)
         with ProgressBar(f"embed {split}", stream.num_samples, "img", progress) as bar:
             for batch in make_loader(stream, num_workers):
@@ -127,9 +158,9 @@ def embed_split(
                 for key, cls, meta in zip(
                     batch["key"], batch["label"].tolist(), batch["meta"], strict=True
                 ):
-                    ids.append(_identity(meta, cls, label_map, key, split))
+                    ids.append(_identity(meta, cls, names.label_map, key, split))
                     keys.append(key)
-                    sources.append(str(meta.get("source_key", key)))
+                    sources.append(names.source(key, meta))
                 bar.advance(len(batch["key"]))
     if not embs:
         raise FacemaeError(f"no faces in {', '.join(_as_list(split_dirs))}")
@@ -270,8 +301,8 @@ def _check_splits(released: list[str], gallery: list[str], strict: bool) -> list
         for split in splits:
             if not Path(split).exists():
                 raise FacemaeError(f"{role} split {split} not found: pass a shard split folder")
-    names = {n for s in released for n in load_manifest(s)["label_map"]}
-    per_split = {s: set(load_manifest(s)["label_map"]) for s in dict.fromkeys(gallery)}
+    names = {n for s in released for n in ReleaseNames(s).label_map}
+    per_split = {s: set(ReleaseNames(s).label_map) for s in dict.fromkeys(gallery)}
     _warn_shared_names(per_split)
     known = set().union(*per_split.values())
     missing = sorted(names - known)
