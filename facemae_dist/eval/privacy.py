@@ -8,7 +8,9 @@ Protocol:
 2. Every released face is a query; the gallery holds the original faces of all identities, i.e.
    the originals of the released identities plus any distractor splits. Identities are matched
    by NAME (the sample's json ``label``, else the manifest's ``label_map[cls]``), never by
-   ``cls``, whose numbering differs between splits.
+   ``cls``, whose numbering differs between splits. A release that names no one (the default of
+   `facemae reconstruct`) is read through the input split its manifest records
+   (:class:`ReleaseNames`): its class i is the input's class i, its key the input position.
 3. Similarity is the cosine (dot product of unit vectors). Computed in blocks of ``block``
    queries x ``gallery_block`` gallery faces with a running top-k per query (``torch.topk``
    merge), so memory stays O(queries x k + block x gallery_block), never queries x gallery.
@@ -17,12 +19,12 @@ Protocol:
    * ``top{k}`` (identity hit@k): share of queries with at least one of the k nearest gallery
      faces of the query's identity;
    * ``source_top1``: share of queries whose own source face ranks first; the source is the
-     released json ``source_key`` (written by `facemae reconstruct`), else the query's own
-     ``__key__`` (auditing a set against itself; keys are source indices, so this fallback only
-     means something when both splits were sharded from the same source). A hit needs the same
-     key AND the same identity, so a distractor split whose keys collide with the originals'
-     does not count. Measured over the queries whose source is in the gallery
-     (``source_queries``; ``source_top1`` is None when there are none).
+     input face at the released key's position (json ``source_key`` in a --keep-names release),
+     else the query's own ``__key__`` (auditing a set against itself; keys are source indices,
+     so this fallback only means something when both splits were sharded from the same
+     source). A hit needs the same key AND the same identity, so a distractor split whose keys
+     collide with the originals' does not count. Measured over the queries whose source is in
+     the gallery (``source_queries``; ``source_top1`` is None when there are none).
    * ``chance_top1``: identity hit@1 of a random ranking (mean share of the gallery that holds
      the query's identity), the floor to compare ``top1`` with.
 
