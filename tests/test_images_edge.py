@@ -71,3 +71,29 @@ def test_16bit_png_is_scaled_not_clipped() -> None:
         assert np.array_equal(np.asarray(to_rgb(img)), expected)
     png, ext = reencode(data, 112, "png")  # the sharder's re-encode keeps the scaled values
     assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected)
+
+
+def test_exif_orientation_is_applied_once_when_sharding(tmp_path) -> None:
+    """A camera stores a portrait photo sideways with an EXIF orientation tag; the loaders ignore
+    the tag, so the sharder turns such a face upright (re-encoded, tag gone); others pass through."""
+    from conftest import MemorySource
+
+    from facemae_dist.data.shards import ShardOptions, load_manifest, shard_dataset
+    from facemae_dist.data.stream import read_shard
+
+    upright = np.zeros((112, 112, 3), np.uint8)
+    upright[:40] = 255  # a white band at the top: easy to tell from a turned face
+    stored = np.ascontiguousarray(
+        np.rot90(upright, k=1)
+    )  # what the camera wrote (band on the left)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90° clockwise to display"
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    tagged, plain = buf.getvalue(), jpeg_bytes(3)
+    shard_dataset(MemorySource([(0, tagged), (0, plain)]), tmp_path, ShardOptions(progress=False))
+    out = [s["jpg"] for url in load_manifest(tmp_path / "train")["urls"] for s in read_shard(url)]
+    assert out[1] == plain  # no tag: bytes untouched
+    got = np.asarray(Image.open(io.BytesIO(out[0])).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - upright).mean() < 8  # the band is on top now
+    assert 0x0112 not in Image.open(io.BytesIO(out[0])).getexif()

@@ -10,7 +10,7 @@ import io
 import struct
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,19 +132,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode to an RGB PIL image, raising BadImage on any decoder error."""
+def decode_rgb(data: bytes, upright: bool = False) -> Image.Image:
+    """Decode to an RGB PIL image, raising BadImage on any decoder error. ``upright``: turn it as
+    its EXIF orientation says (a camera's portrait photo is stored sideways with that tag)."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        if upright:
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except Exception as exc:
         raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
 
 
+_ORIENTATION = 0x0112  # EXIF tag: 1 = as stored, 2-8 = mirrored and/or rotated
+
+
+def exif_orientation(data: bytes, kind: str) -> int:
+    """A JPEG's EXIF orientation from its header (no decode); 1 when it has none."""
+    # APP1 "Exif" sits among the first header segments: a bounded search, no copy (hot path)
+    if kind != "jpg" or data.find(b"Exif\x00\x00", 0, 1024) < 0:
+        return 1
+    try:
+        return int(Image.open(io.BytesIO(data)).getexif().get(_ORIENTATION, 1))
+    except Exception:  # an unreadable EXIF block: the pixels are taken as stored
+        return 1
+
+
 def reencode(data: bytes, size: int, kind: str, jpeg_quality: int = 95) -> tuple[bytes, str]:
-    """Decode, resize to size×size and encode again (PNG stays PNG, everything else → JPEG)."""
-    img = decode_rgb(data)
+    """Decode (turned upright by its EXIF orientation), resize to size×size and encode again (PNG
+    stays PNG, everything else → JPEG); the result carries no EXIF."""
+    img = decode_rgb(data, upright=True)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     out = io.BytesIO()

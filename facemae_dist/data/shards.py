@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from facemae_dist.data.images import BadImage, check_image, reencode
+from facemae_dist.data.images import BadImage, check_image, exif_orientation, reencode
 from facemae_dist.data.sources import Source
 from facemae_dist.data.tario import HashingTarWriter, sha256_file
 from facemae_dist.errors import FacemaeError
@@ -189,8 +189,11 @@ def _source_meta(source: Source) -> tuple[np.ndarray, list[str]]:
 
 def _encode(data: bytes, opts: ShardOptions) -> tuple[bytes, str]:
     kind, (width, height) = check_image(data, opts.full_decode)
-    if kind in ("jpg", "png") and width == height == opts.image_size:
-        return data, kind  # already encoded at the target size: pass through untouched
+    # already encoded at the target size: pass through untouched, unless an EXIF orientation says
+    # to turn it (the readers ignore the tag: such a face is turned and re-encoded)
+    square = kind in ("jpg", "png") and width == height == opts.image_size
+    if square and exif_orientation(data, kind) == 1:
+        return data, kind
     return reencode(data, opts.image_size, kind)
 
 
