@@ -158,6 +158,18 @@ def read_json(path: str | Path, what: str, fix: str) -> Any:
         raise FacemaeError(f"{what}: {path} is not valid JSON ({exc}); {fix}") from None
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename: readers and a resume after a kill see
+    the old file or the new one, never half of one (the temporary name is per process, so ranks
+    writing the same file do not collide)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def model_json_kind(meta: Any) -> str | None:
     """What an export's model.json describes: "facemae" (`facemae pretrain`), "recognizer"
     (`facemae train`), or None."""

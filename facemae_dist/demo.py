@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from facemae_dist.config import read_json
+from facemae_dist.config import read_json, write_text_atomic
 from facemae_dist.errors import FacemaeError
 from facemae_dist.progress import console
 
@@ -278,9 +278,9 @@ class StageJournal:
         return result
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "done": self.done}, indent=1))
-        os.replace(tmp, self.path)
+        write_text_atomic(
+            self.path, json.dumps({"settings": self.settings, "done": self.done}, indent=1)
+        )
 
 
 def demo_settings(quick: bool, seed: int) -> dict:

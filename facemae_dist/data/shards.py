@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from facemae_dist.config import write_text_atomic
 from facemae_dist.data.images import BadImage, check_image, exif_orientation, reencode
 from facemae_dist.data.sources import Source
 from facemae_dist.data.tario import HashingTarWriter, sha256_file
@@ -290,9 +291,7 @@ def open_journal(path: Path) -> TextIO:
 
 def save_manifest(split_dir: Path, manifest: dict) -> dict:
     """Write manifest.json atomically (readers never see half of it)."""
-    tmp = split_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))  # ASCII: non-UTF-8 names round-trip
-    os.replace(tmp, split_dir / MANIFEST)
+    write_text_atomic(split_dir / MANIFEST, json.dumps(manifest, indent=1))  # ASCII: any name
     return manifest
 
 
@@ -332,9 +331,8 @@ def _prepare_split_dir(split_dir: Path, fingerprint: str, opts: ShardOptions) ->
     split_dir.mkdir(parents=True, exist_ok=True)
     for tmp in split_dir.glob("*.tmp"):
         tmp.unlink()
-    tmp = plan_file.with_name(plan_file.name + ".tmp")  # a kill mid-write must not block --resume
-    tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-    os.replace(tmp, plan_file)
+    # atomic: a kill mid-write must not leave a plan that blocks every later --resume
+    write_text_atomic(plan_file, json.dumps({"fingerprint": fingerprint}))
     return verified_shards(split_dir)
 
 

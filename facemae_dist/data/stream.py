@@ -243,10 +243,6 @@ class FaceStream(IterableDataset):
         role = (worker + self.skip_batches) % workers if self.repeat else worker
         return self.rank * workers + role, self.world_size * workers, role, workers
 
-    def _slot_shards(self, slot: int, num_slots: int) -> list[int]:
-        """Inference: every slot reads whole shards, each shard once."""
-        return list(range(len(self.urls)))[slot::num_slots]
-
     def _slot_part(self, role: int, workers: int) -> tuple[int, int]:
         """Training: [start, stop) of this slot in the epoch's sample sequence; slots follow each
         other by rank, then by role (a rank's batches alternate between its workers' roles)."""
@@ -270,18 +266,12 @@ class FaceStream(IterableDataset):
                     continue
                 if first >= stop:
                     break
-                try:
-                    for pos, sample in enumerate(read_shard(self.urls[index], count), first):
-                        if pos >= stop:
-                            break
-                        if pos >= start:
-                            yielded += 1
-                            yield sample
-                except BadShardError as exc:
-                    if not self.skip_bad_shards:
-                        raise
-                    self.bad_shards += 1
-                    warnings.warn(f"skipping: {exc}", stacklevel=2)
+                for pos, sample in enumerate(self._read(index), first):
+                    if pos >= stop:
+                        break
+                    if pos >= start:
+                        yielded += 1
+                        yield sample
                 first += count
             if yielded == stop - start:
                 return
@@ -291,16 +281,17 @@ class FaceStream(IterableDataset):
                     "skipped as bad): re-create them with `facemae shard --resume`"
                 )
 
-    def _inference_samples(self, shards: list[int]) -> Iterator[dict[str, Any]]:
-        for index in shards:
-            expected = self.shard_samples[index] if self.shard_samples else None
-            try:
-                yield from read_shard(self.urls[index], expected)
-            except BadShardError as exc:
-                if not self.skip_bad_shards:
-                    raise
-                self.bad_shards += 1
-                warnings.warn(f"skipping: {exc}", stacklevel=2)
+    def _read(self, index: int) -> Iterator[dict[str, Any]]:
+        """The samples of shard ``index``; a bad shard ends early with a warning when
+        ``skip_bad_shards`` (the samples before the damage are kept), else raises."""
+        expected = self.shard_samples[index] if self.shard_samples else None
+        try:
+            yield from read_shard(self.urls[index], expected)
+        except BadShardError as exc:
+            if not self.skip_bad_shards:
+                raise
+            self.bad_shards += 1
+            warnings.warn(f"skipping: {exc}", stacklevel=2)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.repeat or self.shuffle_buffer <= 1:
@@ -353,7 +344,8 @@ class FaceStream(IterableDataset):
                 yield self._batch(batch, self._flip_rng(slot, index))
             return
         batch: list[dict] = []
-        for sample in self._inference_samples(self._slot_shards(slot, num_slots)):
+        shards = range(slot, len(self.urls), num_slots)  # inference: whole shards, each once
+        for sample in (s for index in shards for s in self._read(index)):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._batch(batch, self._flip_rng(slot, 0))

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from facemae_dist import dist
-from facemae_dist.config import read_json
+from facemae_dist.config import read_json, write_text_atomic
 from facemae_dist.data.stream import FaceStream, make_loader
 from facemae_dist.engine import checkpoint
 from facemae_dist.errors import FacemaeError
@@ -407,9 +407,7 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(kept))
 
 
 class Logger:

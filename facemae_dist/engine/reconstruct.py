@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from facemae_dist import dist
-from facemae_dist.config import model_json_kind, read_json
+from facemae_dist.config import model_json_kind, read_json, write_text_atomic
 from facemae_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -344,9 +344,9 @@ def _claim_output(out: Path, input_split: str, fp: dict[str, Any], rank: int) ->
             f"{out} already holds shards or a manifest, but no record of the `facemae "
             f"reconstruct` run that wrote them (another split, or an older release): {fix}"
         )
-    tmp = out / f"{PLAN}.tmp-rank{rank:05d}"
-    tmp.write_text(json.dumps({"fingerprint": fp, "input": str(input_split)}, indent=1))
-    os.replace(tmp, plan_file)
+    write_text_atomic(
+        plan_file, json.dumps({"fingerprint": fp, "input": str(input_split)}, indent=1)
+    )
 
 
 def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOptions) -> dict | None:
