@@ -218,3 +218,16 @@ def test_a_blur_wider_than_the_face_is_cut_to_it():
         torch.rand(1, 3, 32, 32) * 2 - 1, torch.Generator()
     )
     assert released.shape == (1, 3, 32, 32) and released.std() < 0.1
+
+
+def test_auditing_a_release_whose_input_moved_names_the_missing_split(unseen, tmp_path):
+    import shutil
+
+    from facemae_dist.eval.privacy import ReleaseNames
+
+    moved = tmp_path / "unseen"
+    shutil.copytree(unseen, moved)
+    reconstruct_split(str(moved), str(tmp_path / "blur"), opts(method="blur"))
+    shutil.rmtree(moved)
+    with pytest.raises(FacemaeError, match=f"made from, {moved}, which is not there"):
+        ReleaseNames(str(tmp_path / "blur"))
