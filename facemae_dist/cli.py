@@ -37,6 +37,8 @@ def _add(sub, name: str, help_: str, example: str, fn: Callable) -> argparse.Arg
 
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    from facemae_dist.data.images import FITS
+
     p.add_argument(
         "source",
         help="image folder, file list, RecordIO (.rec or folder), or IDSxPER[:SEED] for synthetic",
@@ -106,6 +108,14 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="faces are stored S x S pixels; others are resized (default: %(default)s)",
     )
+    p.add_argument(
+        "--fit",
+        choices=FITS,
+        default="pad",
+        help="how a non-square face becomes square: pad with black to a centred square (a "
+        "112x96 crop lands on the 112x112 ArcFace alignment), crop its centred square, or "
+        "squash it (default: %(default)s)",
+    )
     p.add_argument("--name", default="faces", help="shard file prefix (default: %(default)s)")
     p.add_argument(
         "--full-decode", action="store_true", help="decode every image to validate it (slower)"
@@ -129,14 +139,17 @@ def cmd_shard(args: argparse.Namespace) -> int:
         strict=args.strict,
         resume=args.resume,
         image_size=args.image_size,
+        fit=args.fit,
         name=args.name,
         full_decode=args.full_decode,
         progress=not args.no_progress,
     )
     for split, m in shard_dataset(source, args.out_dir, opts).items():
+        fitted = f", {m['non_square']:,} non-square ({args.fit})" if m["non_square"] else ""
         print(
             f"{split}: {m['num_samples']:,} images, {m['num_classes']:,} identities, "
-            f"{len(m['shards'])} shards, {len(m['rejected'])} rejected → {args.out_dir}/{split}"
+            f"{len(m['shards'])} shards, {len(m['rejected'])} rejected{fitted} "
+            f"→ {args.out_dir}/{split}"
         )
     return 0
 

@@ -11,6 +11,7 @@ from conftest import jpeg_bytes
 from PIL import Image
 
 from facemae_dist.data.images import BadImage, check_image, decode_rgb, reencode, to_rgb
+from facemae_dist.errors import FacemaeError
 
 
 @pytest.mark.parametrize(
@@ -97,3 +98,62 @@ def test_exif_orientation_is_applied_once_when_sharding(tmp_path) -> None:
     got = np.asarray(Image.open(io.BytesIO(out[0])).convert("RGB"), dtype=np.int16)
     assert np.abs(got - upright).mean() < 8  # the band is on top now
     assert 0x0112 not in Image.open(io.BytesIO(out[0])).getexif()
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_non_square_face_is_padded_cropped_or_squashed() -> None:
+    """A 112x96 (SphereFace) crop padded with 8 black columns each side is the ArcFace 112x112
+    alignment; crop keeps the centred 96x96; squash stretches (the old behaviour)."""
+    face = np.full((112, 96, 3), 200, np.uint8)
+    face[:, :4] = 50  # dark edge columns: where do they end up?
+    data = _png(face)
+    padded = np.asarray(Image.open(io.BytesIO(reencode(data, 112, "png", fit="pad")[0])))
+    assert (padded[:, :8] == 0).all() and (padded[:, -8:] == 0).all()
+    assert np.array_equal(padded[:, 8:104], face)  # same scale: pixels untouched
+    cropped = np.asarray(Image.open(io.BytesIO(reencode(data, 96, "png", fit="crop")[0])))
+    assert np.array_equal(cropped, face[8:104])
+    squashed = np.asarray(Image.open(io.BytesIO(reencode(data, 112, "png", fit="squash")[0])))
+    assert squashed.shape == (112, 112, 3) and squashed.min() > 0  # stretched, no border
+    with pytest.raises(ValueError, match="fit must be one of"):
+        reencode(data, 112, "png", fit="stretch")
+
+
+def test_transparent_pixels_are_black_not_their_hidden_colour() -> None:
+    rgba = np.zeros((112, 112, 4), np.uint8)
+    rgba[..., :3] = 255  # white under full transparency: convert("RGB") would show white
+    rgba[:56, :, 3] = 255
+    rgba[:56, :, :3] = (10, 120, 230)  # opaque top half
+    rgba[56:60, :, 3] = 128  # a half-transparent band is blended over black
+    got = np.asarray(decode_rgb(_png(rgba, "RGBA")))
+    assert (got[:56] == (10, 120, 230)).all()
+    assert (got[60:] == 0).all()
+    assert np.abs(got[57].astype(int) - 128).max() <= 1
+    la = np.stack([np.full((112, 112), 255, np.uint8), np.zeros((112, 112), np.uint8)], -1)
+    assert (np.asarray(decode_rgb(_png(la, "LA"))) == 0).all()  # grey + alpha, all transparent
+    with Image.open(io.BytesIO(_png(rgba, "RGBA"))) as img:  # the shard reader's path
+        assert np.array_equal(np.asarray(to_rgb(img)), got)
+
+
+def test_sharder_fits_non_square_faces_and_counts_them(tmp_path) -> None:
+    from conftest import MemorySource
+
+    from facemae_dist.data.shards import ShardOptions, load_manifest, shard_dataset
+    from facemae_dist.data.stream import read_shard
+
+    wide = _png(np.full((96, 112, 3), 90, np.uint8))
+    source = MemorySource([(0, wide), (0, jpeg_bytes(3)), (1, wide)])
+    manifest = shard_dataset(source, tmp_path, ShardOptions(progress=False))["train"]
+    assert manifest["non_square"] == 2 and manifest["options"]["fit"] == "pad"
+    faces = [
+        s.get("png") for url in load_manifest(tmp_path / "train")["urls"] for s in read_shard(url)
+    ]
+    first = np.asarray(Image.open(io.BytesIO(faces[0])))
+    assert first.shape == (112, 112, 3) and (first[:8] == 0).all() and (first[8:104] == 90).all()
+    # another fit changes the shards' bytes: a resume must not keep the padded ones
+    with pytest.raises(FacemaeError, match="--fit"):
+        shard_dataset(source, tmp_path, ShardOptions(progress=False, resume=True, fit="crop"))

@@ -123,12 +123,21 @@ def check_image(data: bytes, full_decode: bool = False) -> tuple[str, tuple[int,
     return kind, size
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as 8-bit RGB; 16-bit grayscale (modes I;16*, I) is scaled to 8 bits first."""
+    """``img`` as 8-bit RGB; 16-bit grayscale (modes I;16*, I) is scaled to 8 bits first, and an
+    image with transparency is laid over black (the fill aligners use outside the face)."""
     if img.mode == "I" or img.mode.startswith("I;16"):
         # convert("RGB") would clip 0-65535 to 0-255, turning a 16-bit PNG almost all white
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
         img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+    if _has_alpha(img):
+        # convert("RGB") drops alpha and shows whatever colour transparent pixels hold
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -159,12 +168,32 @@ def exif_orientation(data: bytes, kind: str) -> int:
         return 1
 
 
-def reencode(data: bytes, size: int, kind: str, jpeg_quality: int = 95) -> tuple[bytes, str]:
-    """Decode (turned upright by its EXIF orientation), resize to size×size and encode again (PNG
-    stays PNG, everything else → JPEG); the result carries no EXIF."""
-    img = decode_rgb(data, upright=True)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
+FITS = ("pad", "crop", "squash")  # how a non-square face becomes square; see fit_square
+
+
+def fit_square(img: Image.Image, size: int, fit: str = "pad") -> Image.Image:
+    """``img`` resized to size×size. A non-square face is padded with black to a centred square
+    (``pad``: nothing is cut, and a 112×96 SphereFace crop lands on the 112×112 ArcFace alignment,
+    which is the same template shifted 8 px), cut to its centred square (``crop``) or stretched
+    (``squash``)."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if img.size == (size, size):
+        return img
+    width, height = img.size
+    if width != height and fit == "pad":
+        return ImageOps.pad(img, (size, size), Image.Resampling.BILINEAR, color=(0, 0, 0))
+    if width != height and fit == "crop":
+        return ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
+    return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def reencode(
+    data: bytes, size: int, kind: str, jpeg_quality: int = 95, fit: str = "pad"
+) -> tuple[bytes, str]:
+    """Decode (turned upright by its EXIF orientation), make it size×size (see ``fit_square``) and
+    encode again (PNG stays PNG, everything else → JPEG); the result carries no EXIF."""
+    img = fit_square(decode_rgb(data, upright=True), size, fit)
     out = io.BytesIO()
     if kind == "png":
         img.save(out, format="PNG")

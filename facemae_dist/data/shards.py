@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from facemae_dist.config import write_text_atomic
-from facemae_dist.data.images import BadImage, check_image, exif_orientation, reencode
+from facemae_dist.data.images import FITS, BadImage, check_image, exif_orientation, reencode
 from facemae_dist.data.sources import Source
 from facemae_dist.data.tario import HashingTarWriter, sha256_file
 from facemae_dist.errors import FacemaeError
@@ -55,6 +55,7 @@ class ShardOptions:
     strict: bool = False
     resume: bool = False
     image_size: int = 112
+    fit: str = "pad"  # how non-square faces become square: pad, crop or squash (images.FITS)
     name: str = "faces"
     full_decode: bool = (
         False  # decode every image to validate it (slower; catches corrupt payloads)
@@ -79,6 +80,8 @@ class ShardOptions:
             raise FacemaeError("--workers must be ≥ 1")
         if self.seed < 0:
             raise FacemaeError(f"--seed must be ≥ 0, got {self.seed}")
+        if self.fit not in FITS:
+            raise FacemaeError(f"--fit must be one of {', '.join(FITS)}, got {self.fit!r}")
 
 
 @dataclass
@@ -99,7 +102,7 @@ class SplitPlan:
         label_names = "\n".join(str(names[i]) for i in self.identities.tolist())
         sha.update(label_names.encode("utf-8", "surrogateescape"))  # names may not be UTF-8
         sha.update(f"{source.description}|{len(source)}|{opts.image_size}|{opts.name}".encode())
-        sha.update(f"|{opts.full_decode}|{opts.strict}".encode())
+        sha.update(f"|{opts.full_decode}|{opts.strict}|{opts.fit}".encode())
         return sha.hexdigest()
 
 
@@ -188,27 +191,29 @@ def _source_meta(source: Source) -> tuple[np.ndarray, list[str]]:
     return _WORKER_META
 
 
-def _encode(data: bytes, opts: ShardOptions) -> tuple[bytes, str]:
+def _encode(data: bytes, opts: ShardOptions) -> tuple[bytes, str, bool]:
+    """(encoded bytes, extension, whether the face was not square)."""
     kind, (width, height) = check_image(data, opts.full_decode)
     # already encoded at the target size: pass through untouched, unless an EXIF orientation says
     # to turn it (the readers ignore the tag: such a face is turned and re-encoded)
     square = kind in ("jpg", "png") and width == height == opts.image_size
     if square and exif_orientation(data, kind) == 1:
-        return data, kind
-    return reencode(data, opts.image_size, kind)
+        return data, kind, False
+    return *reencode(data, opts.image_size, kind, fit=opts.fit), width != height
 
 
-def _sample(source: Source, index: int, opts: ShardOptions) -> tuple[bytes, str, str]:
-    """(encoded bytes, extension, position) of one item; raises _Rejected with the reason."""
+def _sample(source: Source, index: int, opts: ShardOptions) -> tuple[bytes, str, str, bool]:
+    """(encoded bytes, extension, position, was not square) of one item; raises _Rejected with
+    the reason."""
     try:
         rec = source.read(index)
     except OSError as exc:
         raise _Rejected(f"item {index}", f"unreadable ({exc})") from exc
     try:
-        data, ext = _encode(rec.data, opts)
+        data, ext, non_square = _encode(rec.data, opts)
     except BadImage as exc:
         raise _Rejected(rec.position, str(exc)) from exc
-    return data, ext, rec.position
+    return data, ext, rec.position, non_square
 
 
 class _Rejected(Exception):
@@ -221,12 +226,12 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Write one planned shard atomically; return its journal entry (runs in a worker)."""
     source, opts, path = _WORKER_SOURCE, task["opts"], task["path"]
     labels, names = _source_meta(source)
-    rejected, samples = [], 0
+    rejected, samples, non_square = [], 0, 0
     with open(path + ".tmp", "wb") as f:
         tar = HashingTarWriter(f)
         for index, cls in zip(task["items"].tolist(), task["cls"].tolist(), strict=True):
             try:
-                data, ext, position = _sample(source, index, opts)
+                data, ext, position, reshaped = _sample(source, index, opts)
             except _Rejected as bad:
                 if opts.strict:
                     raise FacemaeError(
@@ -242,6 +247,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
             tar.add(f"{key}.cls", str(cls).encode())
             tar.add(f"{key}.json", json.dumps(meta).encode())  # ASCII escapes: any name round-trips
             samples += 1
+            non_square += reshaped
         sha = tar.close()
     os.replace(path + ".tmp", path)
     return {
@@ -251,6 +257,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
         "bytes": tar.bytes_written,
         "sha256": sha,
         "rejected": rejected,
+        "non_square": non_square,
     }
 
 
@@ -325,7 +332,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: str, opts: ShardOptions) ->
         if old.get("fingerprint") != fingerprint:
             raise FacemaeError(
                 f"cannot resume into {split_dir}: it was written from a different source or "
-                "options (labels, seed, shuffle, hold-out, shard size, --strict, --full-decode). "
+                "options (labels, seed, shuffle, hold-out, shard size, --strict, --full-decode, --fit). "
                 "Use the original command, or an empty output directory"
             )
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -416,6 +423,8 @@ def write_manifest(
         "split": plan.name,
         "num_samples": sum(e["samples"] for e in entries),
         "num_classes": len(plan.identities),
+        # faces made square by --fit (journals of older versions did not count them)
+        "non_square": sum(e.get("non_square", 0) for e in entries),
         "label_map": [names[i] for i in plan.identities.tolist()],
         # a shard whose inputs were all rejected holds nothing: readers never see it
         "shards": [
