@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.stream import check_image_size
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
+    EXIT_PREEMPTED,
     OPTIMIZERS,
     DataConfig,
     EngineConfig,
     OptimConfig,
     RunConfig,
+    StopRequested,
     eval_mode,
     fit,
     micro_batch,
@@ -148,6 +151,7 @@ class RecogTask:
         self.pair_sets = None
         self.best = -1.0
         self.history: list[dict[str, Any]] = []
+        self.should_stop: Callable[[], bool] = lambda: False  # fit() sets it to its stop check
 
     def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["image"].to(self.device, self.dtype, non_blocking=True)
@@ -187,15 +191,22 @@ class RecogTask:
         if not self.cfg.eval.pairs:
             return None
         from facemae_dist.data.sources import load_pair_set
-        from facemae_dist.eval.verification import verify_pair_set
+        from facemae_dist.eval.verification import VerificationStopped, verify_pair_set
 
         self.pair_sets = self.pair_sets or [load_pair_set(p) for p in self.cfg.eval.pairs]
         gathered = checkpoint.gathered(self.engine, self.cfg.engine.zero_stage)
-        with gathered, eval_mode(self.engine.module) as module:
-            results = [
-                verify_pair_set(module, ps, self.cfg.eval.batch_size, self.device)
-                for ps in self.pair_sets
-            ]
+        try:
+            with gathered, eval_mode(self.engine.module) as module:
+                results = [
+                    verify_pair_set(
+                        module, ps, self.cfg.eval.batch_size, self.device, should_stop=self._stop
+                    )
+                    for ps in self.pair_sets
+                ]
+        except VerificationStopped:
+            if dist.detect().is_main:
+                print(f"verification at step {step} skipped: stop signal", flush=True)
+            raise StopRequested(f"verification at step {step}") from None
         record = {
             "step": step,
             **{r.name: {"acc": r.accuracy, "std": r.std, "tar@far": r.tar_at_far} for r in results},
@@ -212,6 +223,13 @@ class RecogTask:
             self.best = mean
             export_backbone(self.engine, self.cfg, Path(self.cfg.run.out_dir) / "best.safetensors")
         return record
+
+    def _stop(self) -> bool:
+        """Asked before each eval batch. One tiny all-reduce: every rank embeds the same batches,
+        so all leave the eval at the same batch even when the signal reaches them at different
+        moments (a rank leaving alone would reach the checkpoint's collectives while the others
+        wait in from_main: a hang or a gloo/NCCL error)."""
+        return dist.any_true(self.should_stop())
 
 
 # ---------------------------------------------------------------- export
@@ -282,7 +300,12 @@ def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
     task.engine = engine
     state = fit(engine, task, run.stream, cfg.run, cfg.engine.grad_accum)
     done = task.history[-1] if task.history and task.history[-1]["step"] == state.step else None
-    final = done or task.verify(state.step)  # the last periodic check may have been this step
+    try:
+        final = done or task.verify(state.step)  # the last periodic check may have been this step
+    except StopRequested:  # fit saved this step: a run again resumes there, verifies and exports
+        if info.is_main:
+            print(f"stop signal: checkpoint at step {state.step}; run again to resume", flush=True)
+        sys.exit(EXIT_PREEMPTED)
     weights = export_backbone(engine, cfg, run_dir / "backbone.safetensors")
     result = {
         "step": state.step,
