@@ -162,3 +162,37 @@ def _comm_device() -> torch.device:
 def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+# What gloo and NCCL say when a collective's peer died or stopped answering. gloo raises a plain
+# RuntimeError (e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error ...: Connection reset by
+# peer"); newer errors are torch.distributed.DistError.
+_PEER_LOST = (
+    "gloo/transport",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "Timed out",
+    "timed out",
+)
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """True if ``exc`` is what a collective raises when another rank died or hung."""
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_LOST)
+
+
+def lost_peer_message(exc: BaseException, rank: int, checkpoint: str) -> str:
+    """One line for a rank that lost a peer: what happened, what is safe, what to do."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # drop gloo's source-file prefix
+    first = first.split(". ")[0][:160]  # its first sentence says it; the rest is generic advice
+    return (
+        f"rank {rank} lost contact with another rank, which most likely died or hung ({first}). "
+        f"Nothing after the last complete checkpoint ({checkpoint}) is kept: find the first "
+        "failing rank's own error in the job's log (torchrun lists it as the root cause), fix it "
+        "and run the same command again to resume"
+    )

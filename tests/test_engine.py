@@ -638,3 +638,19 @@ def test_missing_eval_pairs_offer_to_skip_verification(sharded_split):
         recognize.validate(cfg, 1)
     cfg.eval.pairs = []
     recognize.validate(cfg, 1)  # the fix it offers works
+
+
+def test_lost_peer_errors_are_told_apart_from_other_failures() -> None:
+    from facemae_dist import dist
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:16021: "
+        "Connection reset by peer. This is typically caused by a remote worker hanging"
+    )
+    assert dist.lost_peer(gloo) and dist.lost_peer(torch.distributed.DistBackendError("NCCL"))
+    assert not dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not dist.lost_peer(ValueError("Connection reset by peer"))  # not from a collective
+    line = dist.lost_peer_message(gloo, 3, "run/checkpoints/step-00000040")
+    assert line.startswith("rank 3 lost contact with another rank")
+    assert "(Read error [10.0.0.2]:16021: Connection reset by peer)" in line
+    assert "run/checkpoints/step-00000040" in line and "\n" not in line

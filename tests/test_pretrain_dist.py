@@ -110,6 +110,38 @@ def test_zero2_irm_sigkill_resume_matches_uninterrupted(workdir):
     assert torch.isfinite(out.loss)
 
 
+def test_dying_rank_ends_the_job_in_one_line_and_the_run_resumes(workdir):
+    """SIGKILL rank 1 mid-run: rank 0 fails in its next collective and says so in one line naming
+    the last complete checkpoint; the same command then resumes from it."""
+    steps = ["run.max_steps=8", "run.ckpt_every=2"]
+    run = workdir / "dying"
+    cmd = torchrun(run, workdir, *steps)
+    cmd[1:1] = ["--monitor-interval", "3"]  # torchrun's SIGTERM to rank 0 must not race its error
+    proc = subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    victim.send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - killed < 60
+    saved = latest.read_text().strip()
+    assert saved != "step-00000008", "the run finished before rank 1 could be killed"
+    lines = [line for line in stderr.splitlines() if "lost contact with another rank" in line]
+    assert len(lines) == 1, errors(subprocess.CompletedProcess(cmd, 1, "", stderr))
+    assert "facemae pretrain: error: rank 0 lost contact" in lines[0]
+    assert str(run / "checkpoints") in lines[0] and "Traceback" not in stderr.split(lines[0])[0]
+    again = subprocess.run(
+        torchrun(run, workdir, *steps), env=env(), capture_output=True, text=True
+    )
+    assert again.returncode == 0, errors(again)
+    assert "resumed from" in again.stdout
+
+
 def test_zero3_through_accelerate_learns(workdir):
     out = workdir / "z3"
     cmd = [

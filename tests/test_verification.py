@@ -175,6 +175,14 @@ def test_verify_pair_set_round_trip(tmp_path, tiny_model) -> None:
     assert "accuracy" in res.summary()
 
 
+def test_non_square_pair_image_is_padded_like_the_sharder() -> None:
+    from facemae_dist.eval.verification import _decode_batch
+
+    face = np.full((112, 96, 3), 77, np.uint8)  # a 112x96 (SphereFace-aligned) crop
+    (got,) = _decode_batch([encode(face, "PNG")], 0, 112).permute(0, 2, 3, 1).numpy()
+    assert (got[:, :8] == 0).all() and (got[:, -8:] == 0).all() and (got[:, 8:104] == 77).all()
+
+
 def test_undecodable_image_is_named(tiny_model) -> None:
     bad = PairSet(
         [encode(np.zeros((112, 112, 3), np.uint8)), b"not an image"], np.array([True]), "x"

@@ -92,7 +92,11 @@ class FitState:
 
 
 class Task(Protocol):
-    """What a trainer plugs into :func:`fit`."""
+    """What a trainer plugs into :func:`fit`.
+
+    Optional: a ``should_stop`` attribute, which :func:`fit` sets to a cheap check of this rank's
+    stop signal; ``after_step`` may then raise :class:`StopRequested` (on every rank alike).
+    """
 
     def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss parts of one micro-batch; key 'loss' is what gets backpropagated."""
@@ -394,6 +398,11 @@ class StopFlag:
         self.signum = signum
 
 
+class StopRequested(Exception):
+    """A task hook gave way to a stop signal (on every rank alike): :func:`fit` checkpoints and
+    exits as on any stop signal."""
+
+
 # ---------------------------------------------------------------- logging
 
 
@@ -546,6 +555,10 @@ class _Fit:
         self.saved_step: int | None = None  # step of the checkpoint this run wrote or resumed from
         self.state = FitState()
 
+    def stop_requested(self) -> bool:
+        """Whether this rank got a stop signal: no collective, cheap to poll."""
+        return self.flag.signum is not None
+
     def checkpoint(self) -> None:
         if self.saved_step == self.state.step:  # e.g. a stop signal on a checkpoint step
             return
@@ -612,7 +625,10 @@ class _Fit:
 
     def optimizer_step_done(self, batch: dict[str, Any], stop: bool) -> None:
         self.state.step += 1
-        self.task.after_step(self.state.step, self.step_lr)
+        try:
+            self.task.after_step(self.state.step, self.step_lr)
+        except StopRequested:  # e.g. a verification abandoned; raised on every rank alike
+            stop = True
         self.periodic(batch)
         if stop:
             self.checkpoint()
@@ -663,6 +679,8 @@ class _Fit:
 def fit(engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int = 1) -> FitState:
     """Train to the configured step count; returns the final state. Exits 75 on a stop signal."""
     loop = _Fit(engine, task, stream, run, grad_accum)
+    if hasattr(task, "should_stop"):  # lets a long eval in a task hook give way to a stop signal
+        task.should_stop = loop.stop_requested
     if run.resume:
         loop.state = _resume(engine, task, loop.ckpt_root, run.seed)
         loop.saved_step = loop.state.step or None  # that checkpoint is on disk already
@@ -677,6 +695,14 @@ def fit(engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int 
         if last_batch is not None:
             path = loop.run_dir / "images" / f"step-{loop.state.step:08d}.png"
             task.visualize(engine, last_batch, path)
+    except Exception as exc:
+        # a rank that died takes the others down inside a collective: say so in one line (its
+        # own error is the one to read) instead of each survivor's gloo/NCCL traceback
+        if loop.info.world_size > 1 and dist.lost_peer(exc):
+            saved = checkpoint.latest(loop.ckpt_root)
+            where = str(saved) if saved else "none yet"
+            raise FacemaeError(dist.lost_peer_message(exc, loop.info.rank, where)) from exc
+        raise
     finally:
         loop.logger.close()
     return loop.state

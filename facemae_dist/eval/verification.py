@@ -29,13 +29,12 @@ from __future__ import annotations
 import os
 import warnings
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from facemae_dist.errors import FacemaeError
@@ -43,6 +42,7 @@ from facemae_dist.errors import FacemaeError
 __all__ = [
     "THRESHOLDS",
     "VerificationResult",
+    "VerificationStopped",
     "embed_pairs",
     "evaluate",
     "fold_bounds",
@@ -79,6 +79,10 @@ class VerificationResult:
             f" TAR {self.tar_at_far:.5f} ± {self.tar_std:.5f} @ FAR {self.far:.2e}"
             f" ({self.num_pairs} pairs)"
         )
+
+
+class VerificationStopped(Exception):
+    """The embedding loop gave way to ``should_stop``: no result (a training run's stop signal)."""
 
 
 # ---------------------------------------------------------------------------------- the protocol
@@ -184,8 +188,9 @@ def evaluate(
 def _decode_batch(
     images: Sequence[bytes], start: int, image_size: int, what: str = "the pair set"
 ) -> torch.Tensor:
-    """uint8 (B, 3, S, S) from encoded images; resized (bilinear) when not S x S."""
-    from facemae_dist.data.images import BadImage, decode_rgb
+    """uint8 (B, 3, S, S) from encoded images; made S x S like the sharder's default (padded to a
+    centred square, then resized) when they are not."""
+    from facemae_dist.data.images import BadImage, decode_rgb, fit_square
 
     arrays = []
     for k, data in enumerate(images):
@@ -197,9 +202,7 @@ def _decode_batch(
                 f"image {i} (pair {i // 2}) of {what}: {exc}; rebuild it (facemae make-pairs) "
                 "or fetch it again"
             ) from None
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(img))
+        arrays.append(np.asarray(fit_square(img, image_size)))  # as the sharder does
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
@@ -256,6 +259,7 @@ def embed_pairs(
     device: str | torch.device | None = None,
     image_size: int = IMAGE_SIZE,
     what: str = "the pair set",
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """L2-normalised (image + flipped image) embeddings, float64, one row per image.
 
@@ -263,6 +267,8 @@ def embed_pairs(
     tensor. Decoding happens per batch, so a large pair set never sits decoded in memory.
     ``device``: where inputs go; None = the model's device (the model is never moved). The model
     runs in eval mode and is put back in its previous mode. ``what`` names the images in errors.
+    ``should_stop``: asked before each batch; when it returns True, :class:`VerificationStopped`
+    is raised (so a stop signal during a long eval is not held up until the eval ends).
     """
     if batch_size < 1:
         raise FacemaeError(f"batch_size must be positive, got {batch_size}")
@@ -272,6 +278,8 @@ def embed_pairs(
     out = []
     try:
         for start in range(0, len(images), batch_size):
+            if should_stop is not None and should_stop():
+                raise VerificationStopped(f"stopped after {start} of {len(images)} images")
             chunk = images[start : start + batch_size]
             if not isinstance(chunk, torch.Tensor):
                 chunk = _decode_batch(chunk, start, image_size, what)
@@ -290,11 +298,15 @@ def verify_pair_set(
     device: str | torch.device | None = None,
     nfolds: int = 10,
     far_target: float = 1e-3,
+    should_stop: Callable[[], bool] | None = None,
 ) -> VerificationResult:
-    """Embed a :class:`~facemae_dist.data.sources.PairSet` and run the k-fold protocol on it."""
+    """Embed a :class:`~facemae_dist.data.sources.PairSet` and run the k-fold protocol on it;
+    ``should_stop`` as in :func:`embed_pairs` (raises :class:`VerificationStopped`)."""
     # name the set in decode errors: `facemae eval` takes several .bin files at once
     what = f"pair set {pair_set.name!r}" if pair_set.name else "the pair set"
-    emb = embed_pairs(model, pair_set.images, batch_size, device, what=what)
+    emb = embed_pairs(
+        model, pair_set.images, batch_size, device, what=what, should_stop=should_stop
+    )
     result = evaluate(emb[0::2], emb[1::2], pair_set.issame, nfolds, far_target)
     result.name = pair_set.name
     return result
