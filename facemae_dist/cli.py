@@ -185,6 +185,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curves(args: argparse.Namespace) -> int:
+    from facemae_dist.report import training_curves
+
+    out = args.out or str(
+        Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png"
+    )
+    print(training_curves(args.runs, out, args.title))
+    return 0
+
+
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     from facemae_dist.eval.verification import make_pairs
 
@@ -384,6 +394,18 @@ def _add_study_commands(sub) -> None:
         metavar="R",
         help="FaceMAE mask ratios to sweep, one release run each (default: 0.5 0.6 0.75 0.9)",
     )
+    p = _add(
+        sub,
+        "curves",
+        "draw loss, lr and verification accuracy of one or more runs against the step (PNG)",
+        "facemae curves runs/demo/mae_irm runs/demo/mae_mse --out mae.png",
+        cmd_curves,
+    )
+    p.add_argument("runs", nargs="+", help="run folders (run.out_dir of pretrain or train)")
+    p.add_argument(
+        "--out", help="picture to write (default: RUN/curves.png for one run, else curves.png)"
+    )
+    p.add_argument("--title", default="", help="a title over the picture")
     p = _add(
         sub,
         "make-pairs",

@@ -141,6 +141,102 @@ def privacy_utility_plot(
     return path
 
 
+# ---------------------------------------------------------------- training curves
+
+_NOT_LOSSES = ("step", "samples", "img_per_s", "lr")
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+def _run_labels(runs: Sequence[Path]) -> list[str]:
+    """Folder names, or parent/name where two runs share a name."""
+    names = [r.name for r in runs]
+    return [f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
+
+
+def training_curves(runs: Sequence[str | Path], path: str | Path, title: str = "") -> Path:
+    """Loss and its parts (log scale), learning rate and, where a run verified, its accuracy per
+    pair set, against the step: one colour per run. Reads each run's metrics.jsonl and
+    verification.jsonl (written by the trainers' rank 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facemae_dist.errors import FacemaeError
+
+    runs = [Path(r) for r in runs]
+    logs = []
+    for run in runs:
+        metrics = _jsonl_rows(run / "metrics.jsonl")
+        if not metrics:
+            raise FacemaeError(
+                f"{run}: no metrics.jsonl rows: pass a run folder (run.out_dir) of `facemae "
+                "pretrain` or `facemae train` that has logged at least one step"
+            )
+        logs.append((metrics, _jsonl_rows(run / "verification.jsonl")))
+    verified = any(evals for _, evals in logs)
+    fig, axes = plt.subplots(1, 3 if verified else 2, figsize=(13 if verified else 9, 3.8), dpi=110)
+    styles = ["-", "--", ":", "-."]
+    for color, label, (metrics, evals) in zip(
+        plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, _run_labels(runs), logs, strict=False
+    ):
+        steps = [r["step"] for r in metrics]
+        parts = [k for k in metrics[-1] if k not in _NOT_LOSSES]
+        parts.sort(key=lambda k: k != "loss")  # the total first, drawn solid
+        for style, key in zip(styles * 4, parts, strict=False):
+            ys = [r.get(key, float("nan")) for r in metrics]
+            axes[0].plot(steps, ys, style, color=color, label=f"{label}: {key}")
+        if any("lr" in r for r in metrics):
+            axes[1].plot(
+                steps, [r.get("lr", float("nan")) for r in metrics], color=color, label=label
+            )
+        sets = sorted({k for r in evals for k, v in r.items() if isinstance(v, dict)})
+        for style, name in zip(styles * 4, sets, strict=False):
+            pts = [(r["step"], r[name]["acc"]) for r in evals if name in r]
+            axes[2].plot(*zip(*pts, strict=True), style, marker="o", color=color,
+                         label=f"{label}: {name}")  # fmt: skip
+    for ax in axes[:2]:  # losses and lrs span decades (warmup, cosine to ~0, parts of a total)
+        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata() if v == v):
+            ax.set_yscale("log")
+    titles = ["loss (solid) and its parts", "learning rate", "verification accuracy"]
+    for ax, name in zip(axes, titles, strict=False):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_run_curves(run_dir: Path) -> Path | None:
+    """RUN/curves.png at the end of a run (rank 0). A picture that cannot be drawn must not fail
+    a run whose weights are saved: it says why and carries on."""
+    try:
+        return training_curves([run_dir], run_dir / "curves.png", run_dir.name)
+    except Exception as exc:  # noqa: BLE001 - the training result stands either way
+        print(f"curves.png not drawn: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def write_demo_report(report: dict, out: Path) -> None:
     rows = report["rows"]
     grid = released_faces_grid(
@@ -150,7 +246,16 @@ def write_demo_report(report: dict, out: Path) -> None:
     plot = privacy_utility_plot(
         points, out / "privacy_utility.png", f"mask ratio {report['mask_ratio']}"
     )
-    report["pictures"] = {"grid": str(grid) if grid else None, "plot": str(plot)}
+    maes = [out / "mae_irm", out / "mae_mse"]
+    curves = None
+    if all((run / "metrics.jsonl").is_file() for run in maes):
+        title = "FaceMAE pretraining: IRM vs MSE only"
+        curves = training_curves(maes, out / "mae_curves.png", title)
+    report["pictures"] = {
+        "grid": str(grid) if grid else None,
+        "plot": str(plot),
+        "curves": str(curves) if curves else None,
+    }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     md = [
         "# facemae demo report",
@@ -160,6 +265,7 @@ def write_demo_report(report: dict, out: Path) -> None:
         "",
         "![faces](faces_grid.png)",
         "![privacy-utility](privacy_utility.png)",
+        *(["![pretraining curves](mae_curves.png)"] if curves else []),
     ]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print_demo_table(rows, f"facemae demo ({report['total_s']} s)")

@@ -354,3 +354,16 @@ def test_reconstruct_audit_and_submit_options_all_have_help_and_show_their_defau
     assert "(default: 128)" in parsers["audit"].format_help()
     text = " ".join(parsers["submit"].format_help().split())
     assert "(default: auto)" in text and "(default: 8)" in text
+
+
+def test_curves_command_draws_runs_and_names_a_folder_that_is_not_one(tmp_path, capsys) -> None:
+    run = tmp_path / "mae"
+    run.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["curves", str(run)]) == 0
+    assert (run / "curves.png").is_file()  # one run: its own folder
+    assert main(["curves", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").is_file()
+    assert main(["curves", str(tmp_path)]) == 2
+    assert f"{tmp_path}: no metrics.jsonl rows" in capsys.readouterr().err

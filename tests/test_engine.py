@@ -654,3 +654,24 @@ def test_lost_peer_errors_are_told_apart_from_other_failures() -> None:
     assert line.startswith("rank 3 lost contact with another rank")
     assert "(Read error [10.0.0.2]:16021: Connection reset by peer)" in line
     assert "run/checkpoints/step-00000040" in line and "\n" not in line
+
+
+def test_training_curves_draw_losses_lr_and_verification(tmp_path) -> None:
+    from PIL import Image
+
+    from facemae_dist.report import training_curves
+
+    mae, recog = tmp_path / "mae", tmp_path / "recog"
+    for run in (mae, recog):
+        run.mkdir()
+    rows = [{"step": s, "samples": 32 * s, "img_per_s": 9.0, "loss": 1 / s, "mse": 0.5 / s,
+             "irm": 0.5 / s, "lr": 1e-3} for s in range(1, 6)]  # fmt: skip
+    (mae / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + '\n{"step": 6, "lo')
+    (recog / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0, "lr": 0.1}) + "\n")
+    two = training_curves([mae, recog], tmp_path / "two.png")
+    (recog / "verification.jsonl").write_text(json.dumps({"step": 1, "lfw": {"acc": 0.9}}) + "\n")
+    three = training_curves([mae, recog], tmp_path / "three.png", "title")
+    # a third panel (verification accuracy) only where a run verified
+    assert Image.open(three).width > Image.open(two).width * 1.3
+    with pytest.raises(FacemaeError, match="no metrics.jsonl rows"):
+        training_curves([tmp_path], tmp_path / "none.png")

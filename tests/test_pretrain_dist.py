@@ -86,6 +86,7 @@ def test_zero2_irm_sigkill_resume_matches_uninterrupted(workdir):
     assert set(ref_loss) == set(range(1, 9)) and all(v > 0 for v in ref_loss.values())
     assert json.loads((ref / "export.json").read_text())["max_abs_diff"] < 1e-5
     assert (ref / "images" / "step-00000008.png").is_file()
+    assert (ref / "curves.png").is_file()
 
     run = workdir / "killed"
     proc = subprocess.Popen(torchrun(run, workdir, *steps), env=env(), start_new_session=True,

@@ -74,6 +74,11 @@ def test_train_verify_export_and_resume_on_fewer_ranks(data):
     result = json.loads((out / "result.json").read_text())
     assert result["onnx_max_rel_diff"] < 1e-4 and (out / "backbone.onnx").is_file()
     assert (out / "best.safetensors").is_file()
+    checks = [json.loads(line) for line in (out / "verification.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in checks] == [8, 16]  # each periodic check logged once, by rank 0
+    assert checks[-1]["pairs"] == result["verification"]["pairs"]
+    assert 0.0 <= checks[0]["pairs"]["acc"] <= 1.0
+    assert (out / "curves.png").is_file()
     model = load_recognizer(out / "backbone.safetensors")
     assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 128)
 
@@ -85,6 +90,8 @@ def test_train_verify_export_and_resume_on_fewer_ranks(data):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "world size 1" in again.stdout
     assert set(losses(out)) == set(range(9, 17))
+    # the step-16 check came after the checkpoint the run resumed from: dropped, as its losses are
+    assert [json.loads(line)["step"] for line in (out / "verification.jsonl").open()] == [8]
 
 
 def test_manifest_disagreement_is_an_error(data):

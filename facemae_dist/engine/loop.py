@@ -101,9 +101,10 @@ class Task(Protocol):
     def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss parts of one micro-batch; key 'loss' is what gets backpropagated."""
 
-    def after_step(self, step: int, lr: float) -> None:
+    def after_step(self, step: int, lr: float) -> dict[str, Any] | None:
         """After each optimizer step, with the lr that step used (e.g. a model-parallel head's own
-        optimizer)."""
+        optimizer). May return a verification record ({"step": N, SET: {"acc": ...}, ...}) for
+        rank 0 to log to verification.jsonl and TensorBoard."""
 
     def rank_state(self) -> dict[str, Any]:
         """Extra per-rank state to checkpoint."""
@@ -406,8 +407,11 @@ class StopRequested(Exception):
 # ---------------------------------------------------------------- logging
 
 
+METRICS_LOG, VERIFY_LOG = "metrics.jsonl", "verification.jsonl"
+
+
 def _keep_rows_up_to(path: Path, step: int) -> None:
-    """Rewrite a metrics.jsonl without the rows after ``step`` (and a line cut by a kill)."""
+    """Rewrite a .jsonl log without the rows after ``step`` (and a line cut by a kill)."""
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -439,9 +443,10 @@ class Logger:
         self.start = self.last = time.perf_counter()
         self.start_step, self.last_samples = step, samples
         if self.enabled and self.jsonl is None:
-            path = self.run_dir / "metrics.jsonl"
-            if step and path.is_file():
-                _keep_rows_up_to(path, step)
+            path = self.run_dir / METRICS_LOG
+            for log in (path, self.run_dir / VERIFY_LOG):
+                if step and log.is_file():
+                    _keep_rows_up_to(log, step)
             self.jsonl = open(path, "a")  # noqa: SIM115
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -472,11 +477,35 @@ class Logger:
             flush=True,
         )
 
+    def log_eval(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            log_verification(self.run_dir, record, self.tb)
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def log_verification(run_dir: Path, record: dict[str, Any], tb: Any = None) -> None:
+    """Rank 0: append a verification record to RUN/verification.jsonl and its accuracies to
+    TensorBoard (``tb``, or a writer opened for this record: the final check comes after fit)."""
+    with open(run_dir / VERIFY_LOG, "a") as f:  # rare (one line per check): no handle kept
+        f.write(json.dumps(record) + "\n")
+    own = tb is None
+    if own:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        tb = SummaryWriter(str(run_dir / "tensorboard"))
+    for name, result in record.items():
+        if isinstance(result, dict):
+            for key, value in result.items():
+                tb.add_scalar(f"verify/{name}/{key}", value, record["step"])
+    if own:
+        tb.close()
 
 
 # ---------------------------------------------------------------- the loop
@@ -625,10 +654,13 @@ class _Fit:
 
     def optimizer_step_done(self, batch: dict[str, Any], stop: bool) -> None:
         self.state.step += 1
+        record = None
         try:
-            self.task.after_step(self.state.step, self.step_lr)
+            record = self.task.after_step(self.state.step, self.step_lr)
         except StopRequested:  # e.g. a verification abandoned; raised on every rank alike
             stop = True
+        if record:
+            self.logger.log_eval(record)
         self.periodic(batch)
         if stop:
             self.checkpoint()

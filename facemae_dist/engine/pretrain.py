@@ -33,6 +33,7 @@ from facemae_dist.engine.loop import (
 from facemae_dist.errors import FacemaeError
 from facemae_dist.losses.irm import MIN_IRM_BATCH
 from facemae_dist.losses.irm import _check_options as _check_irm_options
+from facemae_dist.report import draw_run_curves
 
 
 @dataclass
@@ -212,7 +213,7 @@ class MAETask:
         return {"loss": loss, "mse": mse.detach(), "irm": irm.detach()}
 
     def after_step(self, step: int, lr: float) -> None:
-        pass
+        pass  # nothing to verify: the export check and image grids come at the end
 
     def rank_state(self) -> dict[str, Any]:
         return {"mask_generator": self.generator.get_state()}
@@ -254,6 +255,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
     diff = verify_export(engine, run_dir, cfg, device)
     if info.is_main:
+        draw_run_curves(run_dir)
         print(
             f"done: {state.step} steps; weights {weights} (reload max |diff| {diff:.2e})",
             flush=True,

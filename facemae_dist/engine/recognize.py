@@ -33,12 +33,14 @@ from facemae_dist.engine.loop import (
     StopRequested,
     eval_mode,
     fit,
+    log_verification,
     micro_batch,
     start_run,
     validate_common,
 )
 from facemae_dist.errors import FacemaeError
 from facemae_dist.models.backbones import IMAGE_SIZE
+from facemae_dist.report import draw_run_curves
 
 
 @dataclass
@@ -159,13 +161,14 @@ class RecogTask:
         loss = self.head(embeddings, batch["label"].to(self.device))
         return {"loss": loss}
 
-    def after_step(self, step: int, lr: float) -> None:
+    def after_step(self, step: int, lr: float) -> dict[str, Any] | None:
         for group in self.head_opt.param_groups:
             group["lr"] = lr * self.cfg.head.lr_scale
         self.head_opt.step()
         self.head_opt.zero_grad()
         if self.cfg.eval.every and step % self.cfg.eval.every == 0:
-            self.verify(step)
+            return self.verify(step)  # fit logs it
+        return None
 
     def rank_state(self) -> dict[str, Any]:
         return {
@@ -184,7 +187,7 @@ class RecogTask:
             self.head.load_sampler_state(states[self.head.rank]["sampler"])
 
     def visualize(self, engine, batch: dict[str, Any], path: Path) -> None:
-        pass  # nothing to draw for a recognizer; verification results go to the metrics log
+        pass  # nothing to draw for a recognizer; verification goes to verification.jsonl
 
     def verify(self, step: int) -> dict[str, Any] | None:
         """Verification on the configured pair sets; keeps the best backbone (by mean accuracy)."""
@@ -306,6 +309,8 @@ def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
         if info.is_main:
             print(f"stop signal: checkpoint at step {state.step}; run again to resume", flush=True)
         sys.exit(EXIT_PREEMPTED)
+    if info.is_main and final is not None and final is not done:
+        log_verification(run_dir, final)
     weights = export_backbone(engine, cfg, run_dir / "backbone.safetensors")
     result = {
         "step": state.step,
@@ -317,6 +322,7 @@ def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
         if cfg.export_onnx:
             result["onnx_max_rel_diff"] = _export_onnx(weights)
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        draw_run_curves(run_dir)
         print(f"done: {state.step} steps; weights {weights}", flush=True)
     dist.barrier()
     return result
