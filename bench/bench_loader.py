@@ -5,7 +5,9 @@
 Same 20k synthetic 112 px JPEGs (1000 identities x 20) for both, batch 128, flip + normalise to
 [-1, 1], num_workers 0, 1 and 2:
   ours     : shards written by shard_dataset (shuffled at shard time), FaceStream(repeat=True,
-             shuffle_buffer=1000, flip=True, normalize=True) through make_loader;
+             shuffle_buffer=1000, flip=True) through make_loader, as the trainers read it: uint8
+             batches out of the workers, normalised by the consumer (to_model_input, which the
+             trainers run on their device after the copy; here on the CPU, inside the timing);
   baseline : arcface_torch MXFaceDataset without mxnet: seek + read the record, parse the
              IRHeader, PIL decode, RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5), through
              torch DataLoader(shuffle=True, batch_size=128, drop_last=True).
@@ -51,7 +53,7 @@ from common import (  # noqa: E402
     warm_page_cache,
 )
 
-from facemae_dist.data.stream import FaceStream, make_loader  # noqa: E402
+from facemae_dist.data.stream import FaceStream, make_loader, to_model_input  # noqa: E402
 
 BATCH = 128
 _IR_HEADER = struct.Struct("<IfQQ")
@@ -109,7 +111,7 @@ def baseline_loader(rec_dir: Path, workers: int) -> DataLoader:
 
 def ours_loader(split_dir: Path, workers: int) -> DataLoader:
     """FaceStream in training mode through make_loader."""
-    stream = FaceStream(str(split_dir), BATCH, repeat=True, flip=True, normalize=True, seed=0)
+    stream = FaceStream(str(split_dir), BATCH, repeat=True, flip=True, seed=0)
     return make_loader(stream, num_workers=workers)
 
 
@@ -125,6 +127,7 @@ def consume(loader: Iterable, max_batches: int) -> int:
     seen = 0
     for i, batch in enumerate(loader):
         images, labels = _images_labels(batch)
+        images = to_model_input(images, "cpu", torch.float32)  # ours: uint8 until here
         if images.shape != (BATCH, 3, 112, 112) or images.dtype != torch.float32:
             raise AssertionError(f"unexpected batch {tuple(images.shape)} {images.dtype}")
         if labels.shape != (BATCH,) or labels.min() < 0:

@@ -201,3 +201,14 @@ def test_shards_at_another_face_size_are_refused_by_every_model_stage(tmp_path):
     )
     with pytest.raises(FacemaeError, match="hold 64 px faces but backbone"):
         recognize.validate(rec, 1)
+
+
+def test_model_input_from_uint8_batches_equals_normalising_in_the_loader() -> None:
+    from facemae_dist.data.stream import normalize, to_model_input
+
+    raw = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = normalize(raw)
+    assert torch.equal(to_model_input(raw, "cpu", torch.float32), expected)
+    assert torch.equal(to_model_input(raw, "cpu", torch.bfloat16), expected.to(torch.bfloat16))
+    assert torch.equal(to_model_input(expected, "cpu", torch.float32), expected)  # already float
+    assert raw.dtype == torch.uint8 and raw.max() > 1  # the loader's batch is left as it was

@@ -233,7 +233,7 @@ def start_run(cfg: Any, model: torch.nn.Module, micro: int, banner: str) -> Run:
     data = cfg.data
     stream = FaceStream(
         data.train, micro, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
-        shuffle_buffer=data.shuffle_buffer, flip=data.flip, normalize=True,
+        shuffle_buffer=data.shuffle_buffer, flip=data.flip, normalize=False,
         skip_bad_shards=data.skip_bad_shards,
     )  # fmt: skip
     steps_per_epoch = max(1, stream.batches_per_epoch // cfg.engine.grad_accum)

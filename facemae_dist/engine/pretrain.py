@@ -17,7 +17,7 @@ import torch
 
 from facemae_dist import dist
 from facemae_dist.config import load_config, model_json_kind, read_json
-from facemae_dist.data.stream import check_image_size
+from facemae_dist.data.stream import check_image_size, to_model_input
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
     DataConfig,
@@ -200,7 +200,7 @@ class MAETask:
         self.generator.manual_seed(cfg.run.seed * 1000 + rank)
 
     def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = batch["image"].to(self.device, self.dtype, non_blocking=True)
+        images = to_model_input(batch["image"], self.device, self.dtype)
         out = engine(images, self.cfg.model.mask_ratio, generator=self.generator)
         mse = out.loss.float()
         if self.irm is None:
@@ -226,7 +226,7 @@ class MAETask:
     def visualize(self, engine, batch: dict[str, Any], path: Path) -> None:
         from facemae_dist.report import save_grid
 
-        images = batch["image"][:8].to(self.device, self.dtype)
+        images = to_model_input(batch["image"][:8], self.device, self.dtype)
         gen = torch.Generator(device=self.device).manual_seed(0)
         with torch.no_grad(), eval_mode(engine.module) as module:
             recon, mask = module.reconstruct(images, self.cfg.model.mask_ratio, gen)

@@ -21,7 +21,7 @@ import torch
 from facemae_dist import dist
 from facemae_dist.config import load_config, model_json_kind, read_json
 from facemae_dist.data.shards import load_manifest
-from facemae_dist.data.stream import check_image_size
+from facemae_dist.data.stream import check_image_size, to_model_input
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
     EXIT_PREEMPTED,
@@ -156,7 +156,7 @@ class RecogTask:
         self.should_stop: Callable[[], bool] = lambda: False  # fit() sets it to its stop check
 
     def losses(self, engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = batch["image"].to(self.device, self.dtype, non_blocking=True)
+        images = to_model_input(batch["image"], self.device, self.dtype)
         embeddings = engine(images)
         loss = self.head(embeddings, batch["label"].to(self.device))
         return {"loss": loss}
