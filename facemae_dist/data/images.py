@@ -32,9 +32,14 @@ def sniff(data: bytes) -> str:
     return "other"
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_scan(data: bytes) -> tuple[tuple[int, int], bool]:
+    """((width, height), whether the data reaches its EOI) in one walk of the marker segments
+    (the sharder's hot path: one walk, not one for the size and another for the end). Up to the
+    frame header the walk is strict; from there on it is :func:`_jpeg_has_eoi`'s."""
     pos, n = 2, len(data)
-    while pos + 4 <= n:
+    while True:
+        if pos + 4 > n:
+            raise BadImage("truncated JPEG: no frame header")
         if data[pos] != 0xFF:
             raise BadImage("corrupt JPEG: marker expected")
         marker = data[pos + 1]
@@ -44,17 +49,16 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         (seg_len,) = struct.unpack_from(">H", data, pos + 2)
         if marker in _SOF_MARKERS:
             if pos + 9 > n:
-                break
+                raise BadImage("truncated JPEG: no frame header")
             height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
+            return (width, height), _jpeg_has_eoi(data, pos)
         pos += 2 + seg_len
-    raise BadImage("truncated JPEG: no frame header")
 
 
 def image_size(data: bytes, kind: str) -> tuple[int, int]:
     """(width, height) read from the header."""
     if kind == "jpg":
-        return _jpeg_size(data)
+        return _jpeg_scan(data)[0]
     if kind == "png":
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise BadImage("truncated PNG: no IHDR")
@@ -65,8 +69,9 @@ def image_size(data: bytes, kind: str) -> tuple[int, int]:
         raise BadImage(f"not an image ({type(exc).__name__})") from exc
 
 
-def _jpeg_has_eoi(data: bytes) -> bool:
-    """True when the image data reaches an EOI marker (FFD9); bytes after it are ignored.
+def _jpeg_has_eoi(data: bytes, pos: int = 2) -> bool:
+    """True when the image data reaches an EOI marker (FFD9); bytes after it are ignored. ``pos``:
+    a marker to start the walk at (after SOI).
 
     Walks the marker segments from SOI, jumping over each segment's payload (so the FFD9 of an EXIF
     thumbnail inside APP1 does not count), and scans entropy-coded data for the next marker: there
@@ -78,7 +83,7 @@ def _jpeg_has_eoi(data: bytes) -> bool:
     (before zero padding) are FFD9 ends with its EOI, since FFD9 cannot occur in entropy-coded
     data; only other files have their entropy data scanned (a Python step per 0xFF byte).
     """
-    pos, n = 2, len(data)
+    n = len(data)
     end = len(data.rstrip(b"\x00"))  # some writers zero-pad
     ends_with_eoi = data[end - 2 : end] == b"\xff\xd9"
     while True:
@@ -115,8 +120,11 @@ def check_image(data: bytes, full_decode: bool = False) -> tuple[str, tuple[int,
     if not data:
         raise BadImage("empty file")
     kind = sniff(data)
-    size = image_size(data, kind)
-    if not looks_complete(data, kind):
+    if kind == "jpg":
+        size, complete = _jpeg_scan(data)
+    else:
+        size, complete = image_size(data, kind), looks_complete(data, kind)
+    if not complete:
         raise BadImage(f"truncated {_NAMES[kind]}: end marker missing")
     if full_decode or kind == "other":
         decode_rgb(data)
