@@ -134,6 +134,12 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     if args.irm:
         bf16 = torch.bfloat16 if args.precision == "bf16" else None
         irm = _irm_loss(args.irm, bf16).to(device)
+        if args.irm_weights == "bf16":  # no per-step weight casts under autocast: bf16 weights once
+            cast = _CastTo(torch.bfloat16)  # MAETask hands IRM float32 images
+            irm.teacher = torch.nn.Sequential(cast, irm.teacher.to(torch.bfloat16))
+            irm.autocast_dtype = None
+        if args.irm_compile:  # fuses the teacher's small kernels (launch-bound depthwise blocks)
+            irm.teacher = torch.compile(irm.teacher)
     task = MAETask(cfg, irm, device, info.rank)
     gen = torch.Generator(device=device).manual_seed(info.rank)
     batch = {"image": torch.randn(args.micro_batch, 3, 112, 112, generator=gen, device=device)}
@@ -177,6 +183,8 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
             torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         ),
         "compiled": args.compile,
+        "irm_compile": args.irm_compile,
+        "irm_weights": args.irm_weights,
         "last_loss": loss,
     }
     if args.baseline:
@@ -188,6 +196,15 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+class _CastTo(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
 
 
 class _PlainEngine(torch.nn.Module):
@@ -302,6 +319,16 @@ def parser() -> argparse.ArgumentParser:
         help="torch.compile the model (DeepSpeed's engine.compile): fewer kernel launches where the "
         "step is bound by the host; not used by the trainers (unmeasured on GPUs so far)",
     )
+    p.add_argument(
+        "--irm-compile", action="store_true", help="torch.compile the IRM teacher (an experiment)"
+    )
+    p.add_argument(
+        "--irm-weights",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the teacher's weights: fp32 under bf16 autocast (the trainers), or cast to bf16 once "
+        "(an experiment: no weight casts per step)",
+    )
     p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler tables here")
     p.add_argument("--quick", action="store_true", help="micro model, 3 steps (a smoke run)")
     return p
@@ -309,6 +336,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser().parse_args(argv)
+    if args.irm_weights == "bf16" and args.precision != "bf16":
+        raise SystemExit("--irm-weights bf16 needs --precision bf16 (the teacher gets bf16 images)")
     if args.quick:
         args.model = args.model or ["facemae_vit_micro_patch16_112"]
         args.micro_batch, args.steps, args.warmup = min(args.micro_batch, 4), 3, 1
@@ -331,6 +360,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             mem = f", peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else ""
             irm = f" + IRM ({r['irm_teacher']})" if r["irm_teacher"] else ""
             irm += ", compiled" if r["compiled"] else ""
+            irm += ", teacher compiled" if r["irm_compile"] else ""
+            irm += ", teacher bf16 weights" if r["irm_weights"] == "bf16" else ""
             print(
                 f"{name}{irm}: {r['images_per_s_per_device']:.1f} img/s per device on "
                 f"{r['world_size']} x {r['device']} (ZeRO-{r['zero_stage']}, {r['precision']}, "

@@ -12,7 +12,9 @@
 # Results go to $OUT (default runs/gpu-check): throughput.json, smoke.log, gpu.txt, metrics.jsonl and
 # a pretraining grid (few files: the device tool brings back at most 8).
 # ZERO_SWEEP=1 adds ViT-B/16 under other DeepSpeed settings (overlap_comm off, ZeRO-1, ZeRO-0)
-# and a profile of the default (~2 min more).
+# and a profile of the default (~2 min more). IRM_VARIANTS=1 adds MobileFaceNet-IRM with the
+# teacher's weights in bf16 and with the teacher compiled. To fit a short device budget:
+# MB128=0 skips the 128-face runs, TEACHERS="mobilefacenet" skips the iResNet-50 teacher.
 # Also runs on a CPU machine (fp32, micro-batches of 4) to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,14 +76,20 @@ bench() {  # bench NAME ARGS...: one bench_zero run, its results in $W/NAME.json
     ${QUICK:+--quick} "$@" || failed+=("bench_zero $*")
 }
 bench zero --micro-batch "$MICRO" --baseline
-if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ]; then  # host-bound at small batches: show by how much
+if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ] && [ "${MB128:-1}" = 1 ]; then  # host-bound at 128
   bench zero_mb128 --micro-batch 128 --baseline
   # compilation against the host-bound case (B/16 at 128 faces): a lead for the trainers
   bench zero_mb128_compiled --micro-batch 128 --compile --model facemae_vit_base_patch16_112
 fi
-for teacher in mobilefacenet iresnet50; do  # the configs' teacher and the heavier alternative
+for teacher in ${TEACHERS:-mobilefacenet iresnet50}; do  # the configs' teacher, a heavier one
   bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
 done
+if [ -n "${IRM_VARIANTS:-}" ]; then  # experiments against IRM's 1.28-1.30x on the H200
+  if [ "$PREC" = bf16 ]; then
+    bench zero_irm_mbf_bf16w --micro-batch "$MICRO" --irm mobilefacenet --irm-weights bf16
+  fi
+  bench zero_irm_mbf_compiled --micro-batch "$MICRO" --irm mobilefacenet --irm-compile
+fi
 if [ -n "${ZERO_SWEEP:-}" ]; then  # where ZeRO-2's fixed per-step cost comes from
   # On the H200 DeepSpeed ran ViT-B/16 at 0.52x plain PyTorch (512 faces), a fixed ~35 ms per step;
   # on the CPU its host-side hooks cost ~4 ms. Suspects: overlap_comm's full device synchronize
