@@ -41,6 +41,7 @@ from facemae_dist.engine.pretrain import (  # noqa: E402
     ModelConfig,
     PretrainConfig,
     build_model,
+    compile_teacher,
 )
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched as
@@ -104,12 +105,13 @@ def flops_per_image(
     return counter.get_total_flops() / 2
 
 
-def _irm_loss(arch: str, dtype: torch.dtype | None) -> torch.nn.Module:
+def _irm_loss(arch: str, dtype: torch.dtype | None, compiled: bool = False) -> torch.nn.Module:
     """IRM through a randomly initialised, frozen teacher (speed does not depend on its weights)."""
     from facemae_dist.losses.irm import IRMLoss, freeze
     from facemae_dist.models.backbones import build_backbone
 
-    return IRMLoss(freeze(build_backbone(arch, IRMConfig.teacher_embedding)), autocast_dtype=dtype)
+    teacher = freeze(build_backbone(arch, IRMConfig.teacher_embedding))
+    return IRMLoss(teacher, autocast_dtype=dtype, compile_teacher=compiled)
 
 
 def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dict[str, Any]:
@@ -133,12 +135,13 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     irm = None
     if args.irm:
         bf16 = torch.bfloat16 if args.precision == "bf16" else None
+        compiled = compile_teacher(_SETTING[args.irm_compile], device)  # as the trainers decide
         irm = _irm_loss(args.irm, bf16).to(device)
         if args.irm_weights == "bf16":  # no per-step weight casts under autocast: bf16 weights once
             cast = _CastTo(torch.bfloat16)  # MAETask hands IRM float32 images
             irm.teacher = torch.nn.Sequential(cast, irm.teacher.to(torch.bfloat16))
             irm.autocast_dtype = None
-        if args.irm_compile:  # fuses the teacher's small kernels (launch-bound depthwise blocks)
+        if compiled:  # fuses the teacher's small kernels (launch-bound depthwise blocks)
             irm.teacher = torch.compile(irm.teacher)
     task = MAETask(cfg, irm, device, info.rank)
     gen = torch.Generator(device=device).manual_seed(info.rank)
@@ -183,7 +186,7 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
             torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         ),
         "compiled": args.compile,
-        "irm_compile": args.irm_compile,
+        "irm_compile": bool(args.irm and compile_teacher(_SETTING[args.irm_compile], device)),
         "irm_weights": args.irm_weights,
         "last_loss": loss,
     }
@@ -196,6 +199,9 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+_SETTING = {"auto": "auto", "true": True, "false": False}
 
 
 class _CastTo(torch.nn.Module):
@@ -320,7 +326,10 @@ def parser() -> argparse.ArgumentParser:
         "step is bound by the host; not used by the trainers (unmeasured on GPUs so far)",
     )
     p.add_argument(
-        "--irm-compile", action="store_true", help="torch.compile the IRM teacher (an experiment)"
+        "--irm-compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="torch.compile the IRM teacher, as irm.teacher_compile: auto = on GPUs (default: auto)",
     )
     p.add_argument(
         "--irm-weights",

@@ -75,7 +75,7 @@ bench() {  # bench NAME ARGS...: one bench_zero run, its results in $W/NAME.json
   timeout "$STEP_TIMEOUT" python3 bench/bench_zero.py --precision "$PREC" --json "$W/$name.json" \
     ${QUICK:+--quick} "$@" || failed+=("bench_zero $*")
 }
-bench zero --micro-batch "$MICRO" --baseline
+if [ -n "${NO_BASELINE:-}" ]; then bench zero --micro-batch "$MICRO"; else bench zero --micro-batch "$MICRO" --baseline; fi
 if [ "$PREC" = bf16 ] && [ -z "${QUICK:-}" ] && [ "${MB128:-1}" = 1 ]; then  # host-bound at 128
   bench zero_mb128 --micro-batch 128 --baseline
   # compilation against the host-bound case (B/16 at 128 faces): a lead for the trainers
@@ -84,11 +84,11 @@ fi
 for teacher in ${TEACHERS:-mobilefacenet iresnet50}; do  # the configs' teacher, a heavier one
   bench "zero_irm_$teacher" --micro-batch "$MICRO" --irm "$teacher"
 done
-if [ -n "${IRM_VARIANTS:-}" ]; then  # experiments against IRM's 1.28-1.30x on the H200
+if [ -n "${IRM_VARIANTS:-}" ]; then  # the teacher eager (the trainers before) and in bf16 weights
+  bench zero_irm_mbf_eager --micro-batch "$MICRO" --irm mobilefacenet --irm-compile false
   if [ "$PREC" = bf16 ]; then
     bench zero_irm_mbf_bf16w --micro-batch "$MICRO" --irm mobilefacenet --irm-weights bf16
   fi
-  bench zero_irm_mbf_compiled --micro-batch "$MICRO" --irm mobilefacenet --irm-compile
 fi
 if [ -n "${ZERO_SWEEP:-}" ]; then  # where ZeRO-2's fixed per-step cost comes from
   # On the H200 DeepSpeed ran ViT-B/16 at 0.52x plain PyTorch (512 faces), a fixed ~35 ms per step;

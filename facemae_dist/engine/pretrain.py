@@ -58,6 +58,9 @@ class IRMConfig:
     direction: str = "forward"  # forward KL(orig||recon) | reverse | symmetric
     paste_visible: bool = True  # IRM sees reconstructions with the visible patches pasted back
     teacher_precision: str | None = None  # fp32 | bf16 (autocast); None: engine.precision
+    # torch.compile the teacher: auto = on GPUs (H200, ViT-B/8: IRM overhead 1.30x -> 1.15x),
+    # not on CPUs (slower there); true / false to force
+    teacher_compile: str | bool = "auto"
 
 
 @dataclass
@@ -123,6 +126,10 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         raise FacemaeError(
             f"irm.teacher_precision must be fp32, bf16 or null, got {cfg.irm.teacher_precision!r}"
         )
+    if cfg.irm.teacher_compile not in ("auto", True, False):
+        raise FacemaeError(
+            f"irm.teacher_compile must be auto, true or false, got {cfg.irm.teacher_compile!r}"
+        )
     check_image_size(cfg.data.train, cfg.model.image_size, "model.image_size")
     return micro
 
@@ -184,7 +191,13 @@ def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp3
         cfg.similarity,
         cfg.direction,
         autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+        compile_teacher=compile_teacher(cfg.teacher_compile, device),
     )
+
+
+def compile_teacher(setting: str | bool, device: torch.device) -> bool:
+    """irm.teacher_compile resolved: auto compiles on GPUs only."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 # ---------------------------------------------------------------- the task
