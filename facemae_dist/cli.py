@@ -273,9 +273,31 @@ def _guarded(name: str, fn: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"facemae {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a peer lost outside the fit loop (export, final eval, barriers)
+        rank = _rank_that_lost_a_peer(exc)
+        if rank is None:
+            raise
+        from facemae_dist import dist
+
+        print(f"facemae {name}: error: {dist.lost_peer_message(exc, rank)}", file=sys.stderr)
+        return 1
     finally:
         _close_process_group()
     return 0
+
+
+def _rank_that_lost_a_peer(exc: BaseException) -> int | None:
+    """This process's rank when ``exc`` is a collective's error about another rank in a
+    multi-process run; else None."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    import torch.distributed as torch_dist
+
+    from facemae_dist import dist
+
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return None
+    return torch_dist.get_rank() if dist.lost_peer(exc) else None
 
 
 def _original_message(exc: FacemaeError) -> str:

@@ -165,17 +165,11 @@ def shutdown() -> None:
 
 
 # What gloo and NCCL say when a collective's peer died or stopped answering. gloo raises a plain
-# RuntimeError (e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error ...: Connection reset by
-# peer"); newer errors are torch.distributed.DistError.
-_PEER_LOST = (
-    "gloo/transport",
-    "Connection reset by peer",
-    "Connection closed by peer",
-    "Broken pipe",
-    "NCCL communicator was aborted",
-    "Timed out",
-    "timed out",
-)
+# RuntimeError naming its transport (e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error ...:
+# Connection reset by peer", or "... Timed out waiting 600000ms for recv"); NCCL's errors are
+# torch.distributed.DistError. A rank's own error (a CUDA fault, "timed out" in a user message)
+# must not pass for a lost peer: only messages from the collectives' own code count.
+_PEER_LOST = ("gloo/transport", "NCCL communicator was aborted", "ProcessGroupGloo")
 
 
 def lost_peer(exc: BaseException) -> bool:
@@ -185,14 +179,16 @@ def lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_LOST)
 
 
-def lost_peer_message(exc: BaseException, rank: int, checkpoint: str) -> str:
+def lost_peer_message(exc: BaseException, rank: int, checkpoint: str | None = None) -> str:
     """One line for a rank that lost a peer: what happened, what is safe, what to do."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # drop gloo's source-file prefix
     first = first.split(". ")[0][:160]  # its first sentence says it; the rest is generic advice
+    kept = (
+        f" Nothing after the last complete checkpoint ({checkpoint}) is kept:" if checkpoint else ""
+    )
     return (
-        f"rank {rank} lost contact with another rank, which most likely died or hung ({first}). "
-        f"Nothing after the last complete checkpoint ({checkpoint}) is kept: find the first "
-        "failing rank's own error in the job's log (torchrun lists it as the root cause), fix it "
-        "and run the same command again to resume"
+        f"rank {rank} lost contact with another rank, which most likely died or hung ({first})."
+        f"{kept} find the first failing rank's own error in the job's log (torchrun lists it as "
+        "the root cause), fix it and run the same command again to resume"
     )

@@ -221,6 +221,15 @@ def training_curves(runs: Sequence[str | Path], path: str | Path, title: str = "
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib would add .png itself: return the file it writes
+        path = path.with_suffix(".png")
+    kinds = fig.canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        plt.close(fig)
+        raise FacemaeError(
+            f"{path}: cannot draw a {path.suffix} picture; use one of "
+            f"{', '.join('.' + k for k in sorted(kinds))} (e.g. {path.with_suffix('.png')})"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

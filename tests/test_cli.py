@@ -365,5 +365,10 @@ def test_curves_command_draws_runs_and_names_a_folder_that_is_not_one(tmp_path, 
     assert (run / "curves.png").is_file()  # one run: its own folder
     assert main(["curves", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").is_file()
+    capsys.readouterr()
+    assert main(["curves", str(run), "--out", str(tmp_path / "named")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "named.png")  # the file it wrote
+    assert main(["curves", str(run), "--out", str(tmp_path / "x.foo")]) == 2
+    assert "cannot draw a .foo picture; use one of" in capsys.readouterr().err
     assert main(["curves", str(tmp_path)]) == 2
     assert f"{tmp_path}: no metrics.jsonl rows" in capsys.readouterr().err

@@ -650,6 +650,14 @@ def test_lost_peer_errors_are_told_apart_from_other_failures() -> None:
     assert dist.lost_peer(gloo) and dist.lost_peer(torch.distributed.DistBackendError("NCCL"))
     assert not dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not dist.lost_peer(ValueError("Connection reset by peer"))  # not from a collective
+    gloo_timeout = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting"
+    assert dist.lost_peer(RuntimeError(gloo_timeout))
+    for own_error in (  # a rank's own failures keep their message and traceback
+        "CUDA error: the launch timed out and was terminated",
+        "DataLoader timed out after 30 seconds",
+        "Broken pipe",
+    ):
+        assert not dist.lost_peer(RuntimeError(own_error))
     line = dist.lost_peer_message(gloo, 3, "run/checkpoints/step-00000040")
     assert line.startswith("rank 3 lost contact with another rank")
     assert "(Read error [10.0.0.2]:16021: Connection reset by peer)" in line
@@ -675,3 +683,21 @@ def test_training_curves_draw_losses_lr_and_verification(tmp_path) -> None:
     assert Image.open(three).width > Image.open(two).width * 1.3
     with pytest.raises(FacemaeError, match="no metrics.jsonl rows"):
         training_curves([tmp_path], tmp_path / "none.png")
+
+
+def test_verification_log_keeps_one_row_per_step(tmp_path) -> None:
+    """A finished run started again checks its last step again: the row is replaced, not added;
+    a fresh start (step 0) in an old run folder starts both logs again."""
+    from facemae_dist.engine.loop import Logger, log_verification
+
+    def steps(name: str) -> list[int]:
+        return [json.loads(line)["step"] for line in (tmp_path / name).open()]
+
+    for step in (2, 4, 4):
+        log_verification(tmp_path, {"step": step, "pairs": {"acc": 0.5 + step / 100}})
+    assert steps("verification.jsonl") == [2, 4]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    logger = Logger(tmp_path, total_steps=4, enabled=True)
+    logger.begin(0, 0)
+    logger.close()
+    assert steps("verification.jsonl") == [] and steps("metrics.jsonl") == []

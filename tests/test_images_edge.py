@@ -157,3 +157,12 @@ def test_sharder_fits_non_square_faces_and_counts_them(tmp_path) -> None:
     # another fit changes the shards' bytes: a resume must not keep the padded ones
     with pytest.raises(FacemaeError, match="--fit"):
         shard_dataset(source, tmp_path, ShardOptions(progress=False, resume=True, fit="crop"))
+
+
+def test_transparent_value_of_a_16bit_grey_png_is_black() -> None:
+    wide = np.full((112, 112), 40000, np.uint16)
+    wide[:, :56] = 40010  # the tRNS colour key: these pixels are transparent
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG", transparency=40010)
+    got = np.asarray(decode_rgb(buf.getvalue()))
+    assert (got[:, :56] == 0).all() and (got[:, 56:] == 40000 >> 8).all()

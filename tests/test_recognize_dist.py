@@ -94,6 +94,24 @@ def test_train_verify_export_and_resume_on_fewer_ranks(data):
     assert [json.loads(line)["step"] for line in (out / "verification.jsonl").open()] == [8]
 
 
+def test_rank_dying_after_training_leaves_one_line_not_tracebacks(data):
+    """Rank 1 exits after fit; rank 0 fails in the final verification's collectives and says so in
+    one line (the fit loop's own conversion does not cover what comes after it)."""
+    cmd = [
+        str(BIN / "torchrun"), "--nproc_per_node", "2", "--monitor-interval", "3",
+        "--master_port", str(29500 + os.getpid() % 97), str(REPO / "tests/dies_after_fit.py"),
+        "--config", str(CONFIG), f"data.train={data / 'shards/train'}", "run.max_steps=2",
+        f"run.out_dir={data / 'dies'}", f"eval.pairs=[{data / 'pairs.bin'}]", "export_onnx=false",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "lost contact with another rank" in line]
+    assert lines and lines[0].startswith("facemae train: error: rank 0 lost contact"), done.stderr[
+        -2000:
+    ]
+    assert "[rank0]: Traceback" not in done.stderr
+
+
 def test_manifest_disagreement_is_an_error(data):
     done = train(data, data / "bad", 1, "data.num_classes=999")
     assert done.returncode != 0

@@ -141,7 +141,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "I" or img.mode.startswith("I;16"):
         # convert("RGB") would clip 0-65535 to 0-255, turning a 16-bit PNG almost all white
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
-        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+        narrow = (wide >> 8).astype(np.uint8)
+        key = img.info.get("transparency")  # a 16-bit grey PNG's transparent value (tRNS)
+        if isinstance(key, int):
+            narrow[wide == key] = 0  # laid over black, as below
+        img = Image.fromarray(narrow, "L")
     if _has_alpha(img):
         # convert("RGB") drops alpha and shows whatever colour transparent pixels hold
         rgba = img.convert("RGBA")

@@ -445,7 +445,7 @@ class Logger:
         if self.enabled and self.jsonl is None:
             path = self.run_dir / METRICS_LOG
             for log in (path, self.run_dir / VERIFY_LOG):
-                if step and log.is_file():
+                if log.is_file():  # step 0: a fresh start in an old folder starts the logs again
                     _keep_rows_up_to(log, step)
             self.jsonl = open(path, "a")  # noqa: SIM115
             try:
@@ -453,7 +453,7 @@ class Logger:
 
                 # purge_step: TensorBoard hides the killed run's events from that step on
                 tb_dir = str(self.run_dir / "tensorboard")
-                self.tb = SummaryWriter(tb_dir, purge_step=step + 1 if step else None)
+                self.tb = SummaryWriter(tb_dir, purge_step=step + 1)
             except ImportError:
                 self.tb = None
 
@@ -490,8 +490,12 @@ class Logger:
 
 def log_verification(run_dir: Path, record: dict[str, Any], tb: Any = None) -> None:
     """Rank 0: append a verification record to RUN/verification.jsonl and its accuracies to
-    TensorBoard (``tb``, or a writer opened for this record: the final check comes after fit)."""
-    with open(run_dir / VERIFY_LOG, "a") as f:  # rare (one line per check): no handle kept
+    TensorBoard (``tb``, or a writer opened for this record: the final check comes after fit).
+    A row of the same step or later is replaced (a finished run started again checks again)."""
+    path = run_dir / VERIFY_LOG
+    if path.is_file():
+        _keep_rows_up_to(path, record["step"] - 1)
+    with open(path, "a") as f:  # rare (one line per check): no handle kept
         f.write(json.dumps(record) + "\n")
     own = tb is None
     if own:
