@@ -195,6 +195,18 @@ def cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from facemae_dist.report import identity_grid
+
+    path, s = identity_grid(args.split, args.out, args.rows, args.per_row)
+    fitted = f", {s['non_square']:,} non-square fitted" if s["non_square"] else ""
+    print(
+        f"{s['split']}: {s['faces']:,} faces, {s['identities']:,} identities, {s['shards']} "
+        f"shards, {s['rejected']} rejected{fitted}; one identity per row → {path}"
+    )
+    return 0
+
+
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     from facemae_dist.eval.verification import make_pairs
 
@@ -415,6 +427,19 @@ def _add_study_commands(sub) -> None:
         default=[0.5, 0.6, 0.75, 0.9],
         metavar="R",
         help="FaceMAE mask ratios to sweep, one release run each (default: 0.5 0.6 0.75 0.9)",
+    )
+    p = _add(
+        sub,
+        "preview",
+        "a picture of a shard split, one identity per row: check labels, alignment, orientation",
+        "facemae preview shards/casia/train --out casia.png --rows 12",
+        cmd_preview,
+    )
+    p.add_argument("split", help="split folder (manifest.json + shards), e.g. OUT_DIR/train")
+    p.add_argument("--out", default="preview.png", help="picture to write (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=8, help="identities shown (default: %(default)s)")
+    p.add_argument(
+        "--per-row", type=int, default=8, help="faces per identity (default: %(default)s)"
     )
     p = _add(
         sub,

@@ -141,6 +141,58 @@ def privacy_utility_plot(
     return path
 
 
+# ---------------------------------------------------------------- a shard split at a glance
+
+
+def identity_grid(
+    split: str | Path, path: str | Path, rows: int = 8, per_row: int = 8, scan: int = 20_000
+) -> tuple[Path, dict]:
+    """One row per identity (its first ``per_row`` faces), for the first ``rows`` identities met
+    in the split's shards: each row should show one person, upright and aligned like the others.
+    Reads at most ``scan`` samples and decodes only the faces it draws. Returns the picture and
+    what the manifest says about the split."""
+    from facemae_dist.data.shards import load_manifest
+    from facemae_dist.data.stream import decode_face, normalize, read_shard
+    from facemae_dist.errors import FacemaeError
+
+    if rows < 1 or per_row < 1:
+        raise FacemaeError(f"--rows and --per-row must be ≥ 1, got {rows} and {per_row}")
+    manifest = load_manifest(split)
+    faces: dict[int, list[torch.Tensor]] = {}
+    seen = 0
+    for url in manifest["urls"]:
+        for sample in read_shard(url):
+            seen += 1
+            cls = int(sample.get("cls", b"-1"))
+            if len(faces.get(cls, ())) < per_row and (cls in faces or len(faces) < rows):
+                faces.setdefault(cls, []).append(normalize(decode_face(sample)))
+            full = len(faces) == rows and all(len(f) == per_row for f in faces.values())
+            if full or seen >= scan:
+                break
+        else:
+            continue
+        break
+    if not faces:
+        raise FacemaeError(f"{split}: no faces in its shards; run `facemae shard` again")
+    names = manifest.get("label_map", [])
+    labels, grid = [], []
+    for cls, row in faces.items():
+        name = str(names[cls]) if 0 <= cls < len(names) else f"class {cls}"
+        labels.append(name if len(name) <= 16 else name[:15] + "…")
+        blank = torch.full_like(row[0], 1.0)  # white where an identity has fewer faces
+        grid.append(torch.stack(row + [blank] * (per_row - len(row))))
+    summary = {
+        "split": manifest.get("split"),
+        "faces": manifest["num_samples"],
+        "identities": manifest["num_classes"],
+        "shards": len(manifest["shards"]),
+        "rejected": len(manifest.get("rejected", [])),
+        "non_square": manifest.get("non_square", 0),
+        "scanned": seen,
+    }
+    return save_grid(grid, path, labels), summary
+
+
 # ---------------------------------------------------------------- training curves
 
 _NOT_LOSSES = ("step", "samples", "img_per_s", "lr")

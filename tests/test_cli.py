@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from facemae_dist.cli import build_parser, main
@@ -372,3 +373,36 @@ def test_curves_command_draws_runs_and_names_a_folder_that_is_not_one(tmp_path, 
     assert "cannot draw a .foo picture; use one of" in capsys.readouterr().err
     assert main(["curves", str(tmp_path)]) == 2
     assert f"{tmp_path}: no metrics.jsonl rows" in capsys.readouterr().err
+
+
+def test_preview_draws_one_identity_per_row(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from facemae_dist.data.shards import ShardOptions, shard_dataset
+    from facemae_dist.data.synthetic import SyntheticSource
+
+    opts = ShardOptions(samples_per_shard=7, shuffle=True, progress=False)
+    shard_dataset(SyntheticSource.from_spec("6x5:3"), tmp_path / "s", opts)
+    out = tmp_path / "p.png"
+    assert main(["preview", str(tmp_path / "s/train"), "--out", str(out), "--rows", "3"]) == 0
+    assert "train: 30 faces, 6 identities, 5 shards, 0 rejected" in capsys.readouterr().out
+    # 3 rows of 8 slots (5 faces + 3 blank), a 110 px label column, 2 px gaps
+    assert Image.open(out).size == (110 + 8 * 114, 3 * 114)
+    from facemae_dist.data.shards import load_manifest
+    from facemae_dist.data.stream import decode_face, read_shard
+
+    cls_of = {  # every face's pixels -> its class
+        decode_face(x).permute(1, 2, 0).numpy().tobytes(): int(x["cls"])
+        for url in load_manifest(tmp_path / "s/train")["urls"]
+        for x in read_shard(url)
+    }
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    rows = []
+    for r in range(3):
+        cells = [
+            grid[r * 114 : r * 114 + 112, 110 + c * 114 : 110 + c * 114 + 112] for c in range(5)
+        ]
+        rows.append({cls_of[cell.tobytes()] for cell in cells})
+    assert all(len(row) == 1 for row in rows) and len(set.union(*rows)) == 3  # one identity a row
+    assert main(["preview", str(tmp_path / "s/train"), "--rows", "0"]) == 2
+    assert "--rows and --per-row must be ≥ 1" in capsys.readouterr().err
