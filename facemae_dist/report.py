@@ -245,11 +245,12 @@ def training_curves(runs: Sequence[str | Path], path: str | Path, title: str = "
         plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, _run_labels(runs), logs, strict=False
     ):
         steps = [r["step"] for r in metrics]
+        dot = "o" if len(steps) == 1 else None  # a single logged step draws no line
         parts = [k for k in metrics[-1] if k not in _NOT_LOSSES]
         parts.sort(key=lambda k: k != "loss")  # the total first, drawn solid
         for style, key in zip(styles * 4, parts, strict=False):
             ys = [r.get(key, float("nan")) for r in metrics]
-            axes[0].plot(steps, ys, style, color=color, label=f"{label}: {key}")
+            axes[0].plot(steps, ys, style, marker=dot, color=color, label=f"{label}: {key}")
         if any("lr" in r for r in metrics):
             axes[1].plot(
                 steps, [r.get("lr", float("nan")) for r in metrics], color=color, label=label
