@@ -252,9 +252,8 @@ def training_curves(runs: Sequence[str | Path], path: str | Path, title: str = "
             ys = [r.get(key, float("nan")) for r in metrics]
             axes[0].plot(steps, ys, style, marker=dot, color=color, label=f"{label}: {key}")
         if any("lr" in r for r in metrics):
-            axes[1].plot(
-                steps, [r.get("lr", float("nan")) for r in metrics], color=color, label=label
-            )
+            lrs = [r.get("lr", float("nan")) for r in metrics]
+            axes[1].plot(steps, lrs, marker=dot, color=color, label=label)
         sets = sorted({k for r in evals for k, v in r.items() if isinstance(v, dict)})
         for style, name in zip(styles * 4, sets, strict=False):
             pts = [(r["step"], r[name]["acc"]) for r in evals if name in r]
