@@ -105,13 +105,18 @@ def flops_per_image(
     return counter.get_total_flops() / 2
 
 
-def _irm_loss(arch: str, dtype: torch.dtype | None, compiled: bool = False) -> torch.nn.Module:
+def _irm_loss(
+    arch: str,
+    dtype: torch.dtype | None,
+    compiled: bool = False,
+    weights: torch.dtype | None = None,
+) -> torch.nn.Module:
     """IRM through a randomly initialised, frozen teacher (speed does not depend on its weights)."""
     from facemae_dist.losses.irm import IRMLoss, freeze
     from facemae_dist.models.backbones import build_backbone
 
     teacher = freeze(build_backbone(arch, IRMConfig.teacher_embedding))
-    return IRMLoss(teacher, autocast_dtype=dtype, compile_teacher=compiled)
+    return IRMLoss(teacher, autocast_dtype=dtype, compile_teacher=compiled, teacher_dtype=weights)
 
 
 def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dict[str, Any]:
@@ -136,13 +141,8 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
     if args.irm:
         bf16 = torch.bfloat16 if args.precision == "bf16" else None
         compiled = compile_teacher(_SETTING[args.irm_compile], device)  # as the trainers decide
-        irm = _irm_loss(args.irm, bf16).to(device)
-        if args.irm_weights == "bf16":  # no per-step weight casts under autocast: bf16 weights once
-            cast = _CastTo(torch.bfloat16)  # MAETask hands IRM float32 images
-            irm.teacher = torch.nn.Sequential(cast, irm.teacher.to(torch.bfloat16))
-            irm.autocast_dtype = None
-        if compiled:  # fuses the teacher's small kernels (launch-bound depthwise blocks)
-            irm.teacher = torch.compile(irm.teacher)
+        weights = torch.bfloat16 if args.irm_weights == "bf16" else None  # irm.teacher_precision
+        irm = _irm_loss(args.irm, bf16, compiled, weights).to(device)
     task = MAETask(cfg, irm, device, info.rank)
     gen = torch.Generator(device=device).manual_seed(info.rank)
     batch = {"image": torch.randn(args.micro_batch, 3, 112, 112, generator=gen, device=device)}
@@ -202,15 +202,6 @@ def bench_model(args: argparse.Namespace, name: str, info: dist.DistInfo) -> dic
 
 
 _SETTING = {"auto": "auto", "true": True, "false": False}
-
-
-class _CastTo(torch.nn.Module):
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype)
 
 
 class _PlainEngine(torch.nn.Module):
@@ -335,8 +326,8 @@ def parser() -> argparse.ArgumentParser:
         "--irm-weights",
         choices=("fp32", "bf16"),
         default="fp32",
-        help="the teacher's weights: fp32 under bf16 autocast (the trainers), or cast to bf16 once "
-        "(an experiment: no weight casts per step)",
+        help="the teacher's weights: fp32 under bf16 autocast, or cast to bf16 once "
+        "(irm.teacher_precision=bf16-weights: no weight casts per step) (default: %(default)s)",
     )
     p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler tables here")
     p.add_argument("--quick", action="store_true", help="micro model, 3 steps (a smoke run)")
@@ -345,8 +336,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser().parse_args(argv)
-    if args.irm_weights == "bf16" and args.precision != "bf16":
-        raise SystemExit("--irm-weights bf16 needs --precision bf16 (the teacher gets bf16 images)")
     if args.quick:
         args.model = args.model or ["facemae_vit_micro_patch16_112"]
         args.micro_batch, args.steps, args.warmup = min(args.micro_batch, 4), 3, 1

@@ -214,6 +214,18 @@ def test_speed_options_keep_the_value() -> None:
     assert rec.grad is not None and all(p.grad is None for p in t.parameters())
 
 
+def test_teacher_weights_cast_once_keep_the_value_and_the_gradient_path() -> None:
+    x, rec = faces(), faces(seed=1).requires_grad_(True)
+    t = teacher()
+    plain = IRMLoss(teacher())(x, rec.detach())
+    cast = IRMLoss(t, teacher_dtype=torch.bfloat16)
+    value = cast(x, rec)  # float32 images in, as MAETask hands them
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(plain.item(), rel=0.1)
+    value.backward()
+    assert rec.grad is not None and rec.grad.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in t.parameters())
+
+
 def test_precomputed_original_embeddings() -> None:
     t = teacher()
     irm = IRMLoss(t)
@@ -259,6 +271,9 @@ def test_teacher_precision_follows_the_engine_or_the_config(tmp_path) -> None:
     assert build_irm(cfg, torch.device("cpu"), "bf16").autocast_dtype == torch.bfloat16
     cfg.teacher_precision = "bf16"
     assert build_irm(cfg, torch.device("cpu"), "fp32").autocast_dtype == torch.bfloat16
+    cfg.teacher_precision = "bf16-weights"  # cast once, no autocast
+    irm = build_irm(cfg, torch.device("cpu"), "fp32")
+    assert irm.autocast_dtype is None and irm.teacher_dtype == torch.bfloat16
     bad = PretrainConfig()
     bad.data.train = "/nonexistent"  # checked after the IRM options
     bad.irm = IRMConfig(weight=0.0, teacher_precision="fp16")
