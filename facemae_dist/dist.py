@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +22,8 @@ import torch.distributed as torch_dist
 # A Slurm job J's attempt R (SLURM_RESTART_COUNT) listens on job_port(J, R) in [15000, 29000]:
 # each job owns a block of JOB_PORT_STRIDE ports, one per attempt, so the attempts of a job and of
 # its neighbours (the next 436 job ids) never share a port. slurm/common.sh computes the same.
-# A process without a launcher or a job id uses DEFAULT_PORT, outside that range.
+# A lone process without a launcher or a job id takes any free port (two runs side by side must not
+# collide; only it connects to its own store, at once); a multi-process one DEFAULT_PORT.
 JOB_PORT_BASE, JOB_PORT_SPAN, JOB_PORT_STRIDE = 15000, 14001, 32
 DEFAULT_PORT = 29511
 
@@ -79,7 +81,17 @@ def _export_env(info: DistInfo) -> None:
     if "MASTER_PORT" not in os.environ:  # torchrun, accelerate and slurm/common.sh set it
         job = os.environ.get("SLURM_JOB_ID", "")
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        os.environ["MASTER_PORT"] = str(job_port(job, restart) if job.isdigit() else DEFAULT_PORT)
+        if job.isdigit():
+            port = job_port(job, restart)
+        else:
+            port = _free_port() if info.world_size == 1 else DEFAULT_PORT
+        os.environ["MASTER_PORT"] = str(port)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def backend() -> str:

@@ -264,6 +264,30 @@ def test_rendezvous_ports_agree_and_keep_out_of_the_ephemeral_range():
                 assert ports.setdefault(port, job) == job, (job, restart, ports[port])
 
 
+def test_two_lone_runs_side_by_side_do_not_fight_over_a_port() -> None:
+    """A plain `facemae train` and `facemae pretrain` at once (no launcher, no job): each starts its
+    own one-process group; a fixed default port made the second fail with EADDRINUSE."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_"))}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    code = (
+        "import os, time; from facemae_dist import dist; dist.init(use_deepspeed=False); "
+        "time.sleep(3); print(os.environ['MASTER_PORT']); dist.shutdown()"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-500:] for _, err in outs]
+    assert outs[0][0] != outs[1][0]
+
+
 @pytest.mark.parametrize(
     ("body", "code", "printed"),
     [

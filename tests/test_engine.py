@@ -386,7 +386,7 @@ def fake_fit(monkeypatch, tmp_path):
 
     from facemae_dist.engine import loop
 
-    flag = SimpleNamespace(signum=None)
+    flag = SimpleNamespace(signum=None, release_interrupt=lambda: None)
     monkeypatch.setattr(loop, "StopFlag", lambda: flag)
     monkeypatch.setattr(loop, "make_loader", lambda stream, workers: iter(stream))
 

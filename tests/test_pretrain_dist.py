@@ -143,6 +143,28 @@ def test_dying_rank_ends_the_job_in_one_line_and_the_run_resumes(workdir):
     assert "resumed from" in again.stdout
 
 
+def test_ctrl_c_stops_a_lone_run_with_a_checkpoint(workdir):
+    """A plain `python -m facemae_dist.pretrain` (one process, loader workers): the first Ctrl-C
+    finishes the step, checkpoints and exits 75 like Slurm's warning signal; the workers outlive it."""
+    run = workdir / "ctrl_c"
+    cmd = [
+        sys.executable, "-m", "facemae_dist.pretrain", "--config", str(CONFIG),
+        f"data.train={workdir / 'shards/train'}", f"run.out_dir={run}", "run.log_every=1",
+        "irm.weight=0", "run.max_steps=500", "run.num_workers=2", "data.global_batch=8",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    for line in proc.stdout:  # training has started: interrupt it
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "interrupted: stopping with a checkpoint" in err and "Traceback" not in err
+    step = int(out.split("stop signal: checkpoint at step ")[1].split(";")[0])
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
+
+
 def test_zero3_through_accelerate_learns(workdir):
     out = workdir / "z3"
     cmd = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
@@ -377,6 +378,12 @@ def _share(total: int, worker: int, workers: int) -> int:
     return total // workers + (worker < total % workers)
 
 
+def _ignore_interrupt(_worker: int) -> None:
+    """Loader workers leave Ctrl-C to the trainer, which stops with a checkpoint (a worker that
+    quit on it would fail the step the trainer still has to finish)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(stream: FaceStream, num_workers: int = 0, prefetch_factor: int = 4) -> DataLoader:
     """DataLoader over a FaceStream (batches are formed in the stream, so batch_size=None)."""
     kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers else {}
@@ -388,6 +395,7 @@ def make_loader(stream: FaceStream, num_workers: int = 0, prefetch_factor: int =
         # each new iterator draws a base seed; from torch's global generator it would shift the
         # dropout/drop-path draws of a run resumed mid-epoch (the stream seeds itself anyway)
         generator=torch.Generator(),
+        worker_init_fn=_ignore_interrupt,
         pin_memory=torch.cuda.is_available(),  # lets the host-to-device copy run asynchronously
         **kwargs,
     )

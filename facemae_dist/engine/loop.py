@@ -388,15 +388,30 @@ def build_engine(
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit)."""
+    """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit) and by a
+    first Ctrl-C (SIGINT) while training; a second Ctrl-C quits at once, without a checkpoint."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        self._sigint = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print(
+                "interrupted: stopping with a checkpoint after this step (Ctrl-C again to quit "
+                "without one)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.signum = signum
+
+    def release_interrupt(self) -> None:
+        """Ctrl-C as before (a KeyboardInterrupt) once the training loop is over."""
+        signal.signal(signal.SIGINT, self._sigint)
 
 
 class StopRequested(Exception):
@@ -740,5 +755,6 @@ def fit(engine, task: Task, stream: FaceStream, run: RunConfig, grad_accum: int 
             raise FacemaeError(dist.lost_peer_message(exc, loop.info.rank, where)) from exc
         raise
     finally:
+        loop.flag.release_interrupt()
         loop.logger.close()
     return loop.state
