@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/facemae demo --out $(DEMO_OUT)
 
 demo-quick: setup
-	$(BIN)/facemae demo --quick --out $(DEMO_OUT)
+	$(BIN)/facemae demo --quick --out $(DEMO_OUT)-quick
 
 lint: setup
 	$(BIN)/ruff check .

@@ -73,7 +73,14 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
         metavar="W",
         help="writer processes (default: %(default)s)",
     )
-    p.add_argument("--shuffle", action="store_true", help="shuffle samples across shards")
+    p.add_argument(
+        "--shuffle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mix the faces of all identities across shards, as training batches need (IRM relates "
+        "the faces of a batch); --no-shuffle keeps the source's order, e.g. to read a slow source "
+        "front to back (default: shuffled)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -146,10 +153,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
     )
     for split, m in shard_dataset(source, args.out_dir, opts).items():
         fitted = f", {m['non_square']:,} non-square ({args.fit})" if m["non_square"] else ""
+        shards = f"{len(m['shards'])} shard{'s' if len(m['shards']) != 1 else ''}"
+        bad = len(m["rejected"])
+        rejected = f"{bad} rejected (listed in its manifest.json)" if bad else "0 rejected"
         print(
             f"{split}: {m['num_samples']:,} images, {m['num_classes']:,} identities, "
-            f"{len(m['shards'])} shards, {len(m['rejected'])} rejected{fitted} "
-            f"→ {args.out_dir}/{split}"
+            f"{shards}, {rejected}{fitted} → {args.out_dir}/{split}"
         )
     return 0
 
@@ -246,6 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console.print(table)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"results → {args.out}")
     return 0
 
 

@@ -108,7 +108,7 @@ def test_submit_prints_stage_help_and_checks_the_config_before_submitting(
             "irm.weight=1",
             "irm.teacher=none.safetensors",
         ): "irm.teacher none.safetensors not found",
-        ("data.train=nowhere",): "no shard manifest at nowhere",
+        ("data.train=nowhere",): "nowhere does not exist (a typo?",
         (data, "--nodes", "3"): "not divisible by ranks",  # 16 images over 3 ranks
     }
     for extra, message in bad.items():
@@ -430,3 +430,20 @@ def test_preview_draws_one_identity_per_row(tmp_path, capsys) -> None:
     assert all(len(row) == 1 for row in rows) and len(set.union(*rows)) == 3  # one identity a row
     assert main(["preview", str(tmp_path / "s/train"), "--rows", "0"]) == 2
     assert "--rows and --per-row must be ≥ 1" in capsys.readouterr().err
+
+
+def test_shard_command_mixes_identities_unless_told_not_to(tmp_path) -> None:
+    """Identity-sorted shards give IRM batches of few identities (the README's demo notes): the
+    command shuffles by default."""
+    from facemae_dist.data.shards import load_manifest
+    from facemae_dist.data.stream import read_shard
+
+    def classes(out) -> list[int]:
+        return [int(s["cls"]) for u in load_manifest(out / "train")["urls"] for s in read_shard(u)]
+
+    args = ["12x4:1", "--format", "synthetic", "--no-progress"]
+    assert main(["shard", args[0], str(tmp_path / "a"), *args[1:]]) == 0
+    assert main(["shard", args[0], str(tmp_path / "b"), *args[1:], "--no-shuffle"]) == 0
+    assert load_manifest(tmp_path / "a/train")["options"]["shuffle"] is True
+    assert classes(tmp_path / "b") == sorted(classes(tmp_path / "b"))
+    assert classes(tmp_path / "a") != sorted(classes(tmp_path / "a"))

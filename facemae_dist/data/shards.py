@@ -48,7 +48,7 @@ class ShardOptions:
     samples_per_shard: int = 1000
     max_shard_bytes: int | None = None
     workers: int = 1
-    shuffle: bool = False
+    shuffle: bool = False  # `facemae shard` shuffles unless --no-shuffle
     seed: int = 0
     holdout_identities: int = 0
     holdout_fraction: float = 0.0
@@ -477,6 +477,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
         if splits:
             examples = " or ".join(str(d) for d in splits[:3])
             raise FacemaeError(f"{root} is a shard root: pass one of its splits, e.g. {examples}")
+        if not Path(path).exists():
+            raise FacemaeError(
+                f"no shard manifest at {p}: {path} does not exist (a typo? pass a split "
+                "folder, e.g. OUT_DIR/train)"
+            )
         raise FacemaeError(f"no shard manifest at {p}: run `facemae shard SOURCE OUT_DIR` first")
     try:
         manifest = json.loads(p.read_text())

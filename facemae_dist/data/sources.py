@@ -927,8 +927,9 @@ def load_pair_set(path: str | os.PathLike[str]) -> PairSet:
         raise FacemaeError(f"cannot read pair set {where}: {exc.strerror or exc}") from exc
     except Exception as exc:  # any unpickling failure means a damaged or foreign file
         raise FacemaeError(
-            f"{where} is not a readable pair set ({type(exc).__name__}: {exc}); "
-            "fetch the file again"
+            f"{where} is not a readable pair set ({type(exc).__name__}: {exc}); fetch it again "
+            "(lfw.bin, cfp_fp.bin, agedb_30.bin), or build one from a shard split with "
+            "`facemae make-pairs SPLIT out.bin`"
         ) from exc
     if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
         raise FacemaeError(
