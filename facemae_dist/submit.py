@@ -385,7 +385,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--time": {"type": int, "default": 24 * 60, "metavar": "MIN", "help": "time limit, minutes"},
     "--partition": {"default": None, "help": "Slurm partition (default: the cluster's)"},
     "--account": {"default": None, "help": "Slurm account to charge (default: the user's)"},
-    "--signal-delay": {"type": int, "default": 300, "metavar": "S", "help": "warn S s before"},
+    "--signal-delay": {
+        "type": int,
+        "default": 300,
+        "metavar": "S",
+        "help": "signal the job S seconds before its time limit, so it checkpoints (default: %(default)s)",
+    },
     "--runs": {"default": "runs", "help": "root of the default run directories"},
     "--log-dir": {"default": None, "help": "submitit folder (default: <run dir>/submitit)"},
     "--wait": {"action": "store_true", "help": "wait for the job and summarize its result"},

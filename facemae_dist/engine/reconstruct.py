@@ -450,7 +450,10 @@ def parser() -> argparse.ArgumentParser:
         help="share of patches masked, for facemae and masked (default: %(default)s)",
     )
     p.add_argument(
-        "--copies", type=int, default=d.copies, help="reconstructions per face, different masks"
+        "--copies",
+        type=int,
+        default=d.copies,
+        help="reconstructions per face, different masks (default: %(default)s)",
     )
     p.add_argument(
         "--no-paste-visible", action="store_true", help="use the model's prediction for every patch"

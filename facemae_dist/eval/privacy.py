@@ -420,7 +420,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="B",
         help="faces per forward pass (default: %(default)s)",
     )
-    p.add_argument("--workers", type=int, default=2, metavar="W", help="decoding processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="W",
+        help="decoding processes (default: %(default)s)",
+    )
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--strict", action="store_true", help="error when a released identity is absent")
     p.add_argument("--out", default=None, help="write the report as JSON here")
