@@ -159,19 +159,15 @@ def identity_grid(
         raise FacemaeError(f"--rows and --per-row must be ≥ 1, got {rows} and {per_row}")
     manifest = load_manifest(split)
     faces: dict[int, list[torch.Tensor]] = {}
-    seen = 0
-    for url in manifest["urls"]:
-        for sample in read_shard(url):
-            seen += 1
-            cls = int(sample.get("cls", b"-1"))
-            if len(faces.get(cls, ())) < per_row and (cls in faces or len(faces) < rows):
-                faces.setdefault(cls, []).append(normalize(decode_face(sample)))
-            full = len(faces) == rows and all(len(f) == per_row for f in faces.values())
-            if full or seen >= scan:
-                break
-        else:
-            continue
-        break
+    samples = (sample for url in manifest["urls"] for sample in read_shard(url))
+    seen = drawn = 0
+    for seen, sample in enumerate(samples, start=1):
+        cls = int(sample.get("cls", b"-1"))
+        if len(faces.get(cls, ())) < per_row and (cls in faces or len(faces) < rows):
+            faces.setdefault(cls, []).append(normalize(decode_face(sample)))
+            drawn += 1
+        if drawn == rows * per_row or seen >= scan:
+            break
     if not faces:
         raise FacemaeError(f"{split}: no faces in its shards; run `facemae shard` again")
     names = manifest.get("label_map", [])

@@ -55,20 +55,6 @@ def _jpeg_scan(data: bytes) -> tuple[tuple[int, int], bool]:
         pos += 2 + seg_len
 
 
-def image_size(data: bytes, kind: str) -> tuple[int, int]:
-    """(width, height) read from the header."""
-    if kind == "jpg":
-        return _jpeg_scan(data)[0]
-    if kind == "png":
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise BadImage("truncated PNG: no IHDR")
-        return struct.unpack_from(">II", data, 16)
-    try:
-        return Image.open(io.BytesIO(data)).size
-    except Exception as exc:
-        raise BadImage(f"not an image ({type(exc).__name__})") from exc
-
-
 def _jpeg_has_eoi(data: bytes, pos: int = 2) -> bool:
     """True when the image data reaches an EOI marker (FFD9); bytes after it are ignored. ``pos``:
     a marker to start the walk at (after SOI).
@@ -105,14 +91,21 @@ def _jpeg_has_eoi(data: bytes, pos: int = 2) -> bool:
                 return True
 
 
-def looks_complete(data: bytes, kind: str) -> bool:
-    """True when the file holds a whole JPEG/PNG (cheap truncation check, no decode)."""
+def _size_and_completeness(data: bytes, kind: str) -> tuple[tuple[int, int], bool]:
+    """((width, height) from the header, whether the file holds a whole image): cheap, no decode.
+    A JPEG is walked once for both."""
     if kind == "jpg":
-        return _jpeg_has_eoi(data)
-    if kind == "png":  # the IEND chunk (type + CRC) is whole; bytes after it are ignored by readers
+        return _jpeg_scan(data)
+    if kind == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise BadImage("truncated PNG: no IHDR")
+        # the IEND chunk (type + CRC) is whole; bytes after it are ignored by readers
         end = data.rfind(b"IEND")
-        return end >= 4 and end + 8 <= len(data)
-    return True
+        return struct.unpack_from(">II", data, 16), end >= 4 and end + 8 <= len(data)
+    try:
+        return Image.open(io.BytesIO(data)).size, True
+    except Exception as exc:
+        raise BadImage(f"not an image ({type(exc).__name__})") from exc
 
 
 def check_image(data: bytes, full_decode: bool = False) -> tuple[str, tuple[int, int]]:
@@ -120,10 +113,7 @@ def check_image(data: bytes, full_decode: bool = False) -> tuple[str, tuple[int,
     if not data:
         raise BadImage("empty file")
     kind = sniff(data)
-    if kind == "jpg":
-        size, complete = _jpeg_scan(data)
-    else:
-        size, complete = image_size(data, kind), looks_complete(data, kind)
+    size, complete = _size_and_completeness(data, kind)
     if not complete:
         raise BadImage(f"truncated {_NAMES[kind]}: end marker missing")
     if full_decode or kind == "other":

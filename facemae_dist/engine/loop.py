@@ -414,6 +414,13 @@ class StopFlag:
         signal.signal(signal.SIGINT, self._sigint)
 
 
+def exit_preempted(step: int) -> None:
+    """Leave after a stop signal, once step ``step`` is checkpointed: exit 75, "run again"."""
+    if dist.detect().is_main:
+        print(f"stop signal: checkpoint at step {step}; run again to resume", flush=True)
+    sys.exit(EXIT_PREEMPTED)
+
+
 class StopRequested(Exception):
     """A task hook gave way to a stop signal (on every rank alike): :func:`fit` checkpoints and
     exits as on any stop signal."""
@@ -683,13 +690,8 @@ class _Fit:
         self.periodic(batch)
         if stop:
             self.checkpoint()
-            if self.info.is_main:
-                print(
-                    f"stop signal: checkpoint at step {self.state.step}; run again to resume",
-                    flush=True,
-                )
             self.logger.close()
-            sys.exit(EXIT_PREEMPTED)
+            exit_preempted(self.state.step)
 
     def periodic(self, batch: dict[str, Any]) -> None:
         step, run = self.state.step, self.run

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from facemae_dist.data.shards import load_manifest
 from facemae_dist.data.stream import check_image_size, to_model_input
 from facemae_dist.engine import checkpoint
 from facemae_dist.engine.loop import (
-    EXIT_PREEMPTED,
     OPTIMIZERS,
     DataConfig,
     EngineConfig,
@@ -32,6 +30,7 @@ from facemae_dist.engine.loop import (
     RunConfig,
     StopRequested,
     eval_mode,
+    exit_preempted,
     fit,
     log_verification,
     micro_batch,
@@ -306,9 +305,7 @@ def run_recognition(cfg: RecogConfig) -> dict[str, Any]:
     try:
         final = done or task.verify(state.step)  # the last periodic check may have been this step
     except StopRequested:  # fit saved this step: a run again resumes there, verifies and exports
-        if info.is_main:
-            print(f"stop signal: checkpoint at step {state.step}; run again to resume", flush=True)
-        sys.exit(EXIT_PREEMPTED)
+        exit_preempted(state.step)
     if info.is_main and final is not None and final is not done:
         log_verification(run_dir, final)
     weights = export_backbone(engine, cfg, run_dir / "backbone.safetensors")
