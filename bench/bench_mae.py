@@ -4,7 +4,10 @@
    layout written here after the structure of facebookresearch/mae (conv patch embedding over all
    patches, position embedding added before masking, ``torch.gather`` with an index expanded over the
    width, mask tokens concatenated then unshuffled with another expanded gather, loss over all patches
-   weighted by the mask). Same dimensions, same timm blocks, same weights, same masks.
+   weighted by the mask). Same dimensions, same timm blocks, same weights, same masks. FaceMAE's
+   gain has two parts, printed apart: its layout, and its linears on oneDNN where PyTorch's MKL
+   matmul is slow (``cpu_linear``, facemae_dist.models.cpu_linear); the reference runs PyTorch's
+   default kernels, and once more with the same oneDNN linears.
 2. IRM overhead: step time of MAE + IRM vs MSE only, same batch, with the toolkit's teacher
    backbones; and the FLOP ratio of the (MAE, teacher) pairs that configs/mae/ use.
 
@@ -24,12 +27,20 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from facemae_dist.losses.irm import IRMLoss
+from facemae_dist.models.cpu_linear import (
+    cpu_vendor,
+    onednn_linear_available,
+    onednn_matmul,
+    resolve_cpu_linear,
+    use_onednn_linears,
+)
 from facemae_dist.models.mae import FaceMAE, patchify, sincos_pos_embed_2d
 
 
@@ -151,15 +162,23 @@ def count_macs(module: nn.Module, *inputs: Tensor) -> float:
 
 def bench_mae_pair(label: str, cfg: dict, batch: int, iters: int) -> tuple:
     """Forward+backward img/s of the reference layout, of FaceMAE with the same layout (cls token
-    kept: identical computation, so the loss must match) and of FaceMAE as configured by default
-    (no cls token), on the same inputs."""
+    kept: identical computation, so the loss must match), of FaceMAE's layout on PyTorch's default
+    CPU matmul (``cpu_linear="aten"``, the layout's own gain), and of FaceMAE as configured by default
+    (no cls token, oneDNN linears where MKL is slow), on the same inputs. The reference is also timed
+    with oneDNN linears, so the last ratio separates the layout's share from the kernels'."""
     torch.manual_seed(0)
-    same = FaceMAE(**cfg, cls_token=True)
+    same = FaceMAE(**cfg, cls_token=True, cpu_linear="aten")
     ref = ReferenceMAE(same, cfg["num_heads"], cfg["decoder_heads"])
+    ref_onednn = ReferenceMAE(same, cfg["num_heads"], cfg["decoder_heads"])
+    layout = FaceMAE(**cfg, cpu_linear="aten")
     fast = FaceMAE(**cfg)
-    fast.load_state_dict(
-        {k: v for k, v in same.state_dict().items() if k != "cls_token"}, strict=True
-    )
+    for model in (layout, fast):
+        model.load_state_dict(
+            {k: v for k, v in same.state_dict().items() if k != "cls_token"}, strict=True
+        )
+    kernels = resolve_cpu_linear("auto")
+    if kernels == "onednn":
+        use_onednn_linears(ref_onednn)
     imgs = torch.randn(batch, 3, 112, 112)
     # same masks: FaceMAE draws torch.rand(B, L) from its generator, like the noise given to ref
     noise = torch.rand(batch, same.num_patches, generator=torch.Generator().manual_seed(1))
@@ -180,18 +199,45 @@ def bench_mae_pair(label: str, cfg: dict, batch: int, iters: int) -> tuple:
 
         return run
 
-    t = interleaved({"ref": step(ref, True), "same": step(same), "ours": step(fast)}, iters)
-    flops_ref, flops_ours = step_flops(step(ref, True)), step_flops(step(fast))
-    return (
+    steps = {"ref": step(ref, True), "same": step(same), "layout": step(layout), "ours": step(fast)}
+    if kernels == "onednn":
+        steps["ref_onednn"] = step(ref_onednn, True)
+    t = interleaved(steps, iters)
+    # the layout model does the default model's math on kernels the FLOP counter sees
+    flops_ref, flops_ours = step_flops(step(ref, True)), step_flops(step(layout))
+    return MAERow(
         label,
         batch,
         batch / t["ref"],
         t["ref"] / t["same"],
+        t["ref"] / t["layout"],
         batch / t["ours"],
         t["ref"] / t["ours"],
+        t.get("ref_onednn", t["ref"]) / t["ours"],
         diff,
-        (flops_ref / t["ref"], flops_ours / t["ours"], flops_ours / flops_ref),
+        flops_ref / t["ref"],
+        flops_ours / t["layout"],
+        flops_ours / t["ours"],
+        flops_ours / flops_ref,
     )
+
+
+class MAERow(NamedTuple):
+    """One row of the MAE table (rates in img/s or FLOP/s, ratios as speed-ups over the reference)."""
+
+    label: str
+    batch: int
+    ref: float
+    same_layout: float
+    layout: float
+    ours: float
+    ratio: float
+    ratio_same_kernels: float
+    loss_diff: float
+    ref_flops: float
+    layout_flops: float
+    ours_flops: float
+    flop_ratio: float
 
 
 def step_flops(step: Callable[[], None]) -> float:
@@ -205,14 +251,16 @@ def step_flops(step: Callable[[], None]) -> float:
     return counter.get_total_flops()
 
 
-def matmul_rate(n: int = 1024, iters: int = 8) -> float:
-    """FLOP/s of an n×n×n matmul at this precision and thread count: the ceiling for both models."""
+def matmul_rate(n: int = 1024, iters: int = 8, onednn: bool = False) -> float:
+    """FLOP/s of an n×n×n matmul at this precision and thread count (PyTorch's default kernel, or
+    oneDNN's): the ceiling for a model whose linears run on that kernel."""
     a, b = torch.randn(n, n), torch.randn(n, n)
+    product = partial(onednn_matmul, a, b.t(), None) if onednn else partial(torch.mm, a, b)
     with _autocast():
-        a @ b
+        product()
         t0 = _clock()
         for _ in range(iters):
-            a @ b
+            product()
     return 2 * n**3 * iters / (_clock() - t0)
 
 
@@ -289,29 +337,45 @@ def print_mae(iters: int, with_base: bool) -> None:
     rows.append(
         bench_mae_pair("  path only: tiny p8, 0 blocks", {**no_blocks, "patch_size": 8}, 32, iters)
     )
+    kernels = resolve_cpu_linear("auto")
+    print(f"FaceMAE's CPU linears here: {kernels} (cpu_linear=auto; CPU vendor {cpu_vendor()!r})")
     print(
-        f"{'model':34s} {'batch':>5s} {'ref img/s':>10s} {'same layout':>11s} "
-        f"{'ours img/s':>10s} {'ratio':>6s}  |dloss|"
+        f"{'model':34s} {'batch':>5s} {'ref img/s':>9s} {'same layout':>11s} {'layout':>7s} "
+        f"{'ours img/s':>10s} {'ratio':>6s} {'same kernels':>12s}  |dloss|"
     )
-    for label, b, ref, same_ratio, ours, ratio, diff, _ in rows:
+    for r in rows:
         print(
-            f"{label:34s} {b:5d} {ref:10.1f} {same_ratio:10.2f}x {ours:10.1f} {ratio:5.2f}x  {diff:.1e}"
+            f"{r.label:34s} {r.batch:5d} {r.ref:9.1f} {r.same_layout:10.2f}x {r.layout:6.2f}x "
+            f"{r.ours:10.1f} {r.ratio:5.2f}x {r.ratio_same_kernels:11.2f}x  {r.loss_diff:.1e}"
         )
+    print(
+        "(same layout: FaceMAE with MAE's cls token, the reference's exact computation; layout: "
+        "the default FaceMAE on PyTorch's default matmul; ours / ratio: the default FaceMAE, no cls "
+        "token, linears as cpu_linear=auto picks; same kernels: ours vs the reference with the same "
+        "linears)"
+    )
     peak = matmul_rate()
     print(
         f"\nWhere the time goes: both steps are matmul-bound. A 1024^3 matmul runs at "
-        f"{peak / 1e9:.1f} GFLOP/s here ({_precision}, {torch.get_num_threads()} thread(s))."
-    )
-    print(f"{'model':34s} {'ref GFLOP/s':>11s} {'ours GFLOP/s':>12s} {'ours/ref FLOPs':>14s}")
-    for label, *_, (ref_rate, ours_rate, flop_ratio) in rows[:-2]:
-        print(
-            f"{label:34s} {ref_rate / 1e9:5.1f} ({ref_rate / peak:4.0%}) {ours_rate / 1e9:5.1f} "
-            f"({ours_rate / peak:4.0%}) {flop_ratio:13.3f}"
+        f"{peak / 1e9:.1f} GFLOP/s through PyTorch's default kernel here ({_precision}, "
+        f"{torch.get_num_threads()} thread(s))"
+        + (
+            f", {matmul_rate(onednn=True) / 1e9:.1f} GFLOP/s through oneDNN."
+            if onednn_linear_available() and _precision == "fp32"
+            else "."
         )
-    print(
-        "(same layout: FaceMAE with MAE's cls token, the reference's exact computation; ours: the "
-        "default FaceMAE, no cls token)"
     )
+    print(
+        f"{'model':34s} {'ref GFLOP/s':>11s} {'layout GFLOP/s':>14s} {'ours GFLOP/s':>12s} "
+        f"{'ours/ref FLOPs':>14s}"
+    )
+    for r in rows[:-2]:
+        print(
+            f"{r.label:34s} {r.ref_flops / 1e9:5.1f} ({r.ref_flops / peak:4.0%}) "
+            f"{r.layout_flops / 1e9:7.1f} ({r.layout_flops / peak:4.0%}) "
+            f"{r.ours_flops / 1e9:5.1f} ({r.ours_flops / peak:4.0%}) {r.flop_ratio:13.3f}"
+        )
+    print("(percentages: of PyTorch's default 1024^3 matmul rate)")
 
 
 MICRO = dict(embed_dim=128, depth=4, num_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4)

@@ -19,7 +19,9 @@ the patch embedding is one linear layer over the *visible* patch pixels only (eq
 strided convolution, with its weight in the patch's ``(p, q, c)`` pixel order); position embeddings are
 added to visible tokens only; every gather is an ``index_select`` on the flattened batch (no
 ``expand``-ed index tensors); the decoder input is written with one ``index_copy`` into a buffer that
-already holds mask token + position; the loss touches masked rows only.
+already holds mask token + position; the loss touches masked rows only. On CPUs where PyTorch's MKL
+matmul is slow (AMD), the linear layers run on oneDNN (``cpu_linear``, see
+:mod:`facemae_dist.models.cpu_linear`): the same fp32 math, 1.5-2x faster training steps.
 
 Patch pixel order everywhere is ``(p, q, c)`` (row inside the patch, column, channel), patches in
 raster order -- the order of :func:`patchify`.
@@ -44,6 +46,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from facemae_dist.errors import FacemaeError
+from facemae_dist.models.cpu_linear import resolve_cpu_linear, use_onednn_linears
 
 __all__ = [
     "ENCODER_PRESETS",
@@ -231,6 +234,7 @@ class FaceMAE(nn.Module):
         norm_pix_loss: bool = False,
         drop_path_rate: float = 0.0,
         cls_token: bool = False,
+        cpu_linear: str = "auto",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -266,6 +270,8 @@ class FaceMAE(nn.Module):
         self.decoder_norm = norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_dim)
         self.init_weights()
+        if resolve_cpu_linear(cpu_linear) == "onednn":
+            use_onednn_linears(self)
 
     def init_weights(self) -> None:
         """MAE initialisation: xavier-uniform linears, zero biases, unit LayerNorms, N(0, .02) tokens."""

@@ -1,0 +1,103 @@
+"""oneDNN linear layers: the same values and gradients as nn.Linear, and the fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from facemae_dist.errors import FacemaeError
+from facemae_dist.models import cpu_linear
+from facemae_dist.models.cpu_linear import (
+    OneDNNLinear,
+    onednn_linear_available,
+    resolve_cpu_linear,
+    use_onednn_linears,
+)
+from facemae_dist.models.mae import FaceMAE
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_linear_available(), reason="no oneDNN linear kernel in this build"
+)
+MICRO = dict(embed_dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+
+
+def _pair(bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 80, bias=bias)
+    fast = nn.Linear(48, 80, bias=bias)
+    fast.load_state_dict(plain.state_dict())
+    assert use_onednn_linears(fast) == 1
+    return plain, fast
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 48), (3, 5, 48)])
+def test_values_and_all_gradients_match_nn_linear(bias: bool, shape: tuple[int, ...]) -> None:
+    plain, fast = _pair(bias)
+    assert isinstance(fast, OneDNNLinear)
+    x = torch.randn(*shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(*shape[:-1], 80)
+    y, y2 = plain(x), fast(x2)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    y.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    for p, q in zip(plain.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_input_without_grad_and_frozen_weight() -> None:
+    _, fast = _pair(True)
+    fast.weight.requires_grad_(False)
+    x = torch.randn(4, 48)
+    fast(x).sum().backward()
+    assert fast.weight.grad is None and fast.bias.grad is not None
+
+
+@needs_onednn
+def test_falls_back_for_autocast_bf16_and_empty_batches() -> None:
+    plain, fast = _pair(True)
+    x = torch.randn(4, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16
+    assert fast(torch.randn(0, 48, requires_grad=True)).shape == (0, 80)
+    fast.to(torch.bfloat16)
+    assert fast(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_state_dict_is_the_same_as_nn_linear() -> None:
+    plain, fast = _pair(True)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+
+
+def test_resolve_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_cpu_linear("aten") == "aten"
+    with pytest.raises(FacemaeError, match="model.kwargs.cpu_linear"):
+        resolve_cpu_linear("mkl")
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    assert resolve_cpu_linear("auto") == "aten"
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+    assert resolve_cpu_linear("auto") == ("onednn" if onednn_linear_available() else "aten")
+
+
+@needs_onednn
+def test_facemae_with_onednn_linears_trains_like_the_default_kernels() -> None:
+    torch.manual_seed(0)
+    aten = FaceMAE(**MICRO, cpu_linear="aten")
+    fast = FaceMAE(**MICRO, cpu_linear="onednn")
+    fast.load_state_dict(aten.state_dict())
+    assert not any(isinstance(m, OneDNNLinear) for m in aten.modules())
+    converted = sum(isinstance(m, OneDNNLinear) for m in fast.modules())
+    assert converted == sum(type(m) is nn.Linear for m in aten.modules()) > 0
+    images = torch.randn(4, 3, 112, 112)
+    out_a = aten(images, generator=torch.Generator().manual_seed(3))
+    out_f = fast(images, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out_f.loss, out_a.loss, rtol=1e-5, atol=1e-6)
+    out_a.loss.backward()
+    out_f.loss.backward()
+    for (name, p), q in zip(aten.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
