@@ -101,3 +101,16 @@ def test_facemae_with_onednn_linears_trains_like_the_default_kernels() -> None:
     out_f.loss.backward()
     for (name, p), q in zip(aten.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_onednn
+def test_vit_backbone_takes_the_same_choice() -> None:
+    from facemae_dist.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    aten = build_backbone("vit_t_p16", 64, cpu_linear="aten").eval()
+    fast = build_backbone("vit_t_p16", 64, cpu_linear="onednn").eval()
+    fast.load_state_dict(aten.state_dict())
+    assert any(isinstance(m, OneDNNLinear) for m in fast.modules())
+    x = torch.randn(2, 3, 112, 112)
+    torch.testing.assert_close(fast(x), aten(x), rtol=1e-4, atol=1e-5)

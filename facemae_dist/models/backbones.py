@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from facemae_dist.errors import FacemaeError
+from facemae_dist.models.cpu_linear import resolve_cpu_linear, use_onednn_linears
 
 __all__ = [
     "IResNet",
@@ -277,12 +278,15 @@ _VIT_PRESETS = {
 
 
 def _vit(size: str, patch: int) -> Callable[..., nn.Module]:
-    def build(embedding_size: int = 512, **kw: Any) -> nn.Module:
+    def build(embedding_size: int = 512, cpu_linear: str = "auto", **kw: Any) -> nn.Module:
         import timm  # imported here: timm pulls torchvision, not needed by the conv nets
 
         kw.setdefault("img_size", IMAGE_SIZE)
         kw.setdefault("patch_size", patch)
-        return timm.create_model(_VIT_PRESETS[size], num_classes=embedding_size, **kw)
+        model = timm.create_model(_VIT_PRESETS[size], num_classes=embedding_size, **kw)
+        if resolve_cpu_linear(cpu_linear) == "onednn":  # as FaceMAE: fast fp32 linears on AMD CPUs
+            use_onednn_linears(model)
+        return model
 
     build.__doc__ = f"timm ViT-{size.upper()}/{patch} at 112 px (pretrained=False by default)."
     return build

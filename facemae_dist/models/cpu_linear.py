@@ -10,7 +10,7 @@ the order of the sums differs (relative differences ~1e-6).
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, same state dict, so checkpoints,
 DeepSpeed and timm see no difference) whose forward and backward call oneDNN for fp32 CPU tensors
-and ``F.linear`` for anything else (CUDA, bf16, autocast, ``torch.compile``).
+and ``F.linear`` for anything else (CUDA, bf16, autocast, ``torch.compile``, export tracing).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class OneDNNLinear(nn.Linear):
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()  # ONNX/TorchScript export records F.linear
             and x.numel() > 0  # oneDNN has no primitive for an empty weight-gradient product
         ):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
