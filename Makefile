@@ -9,6 +9,7 @@ DEMO_OUT ?= runs/demo
 .PHONY: setup demo demo-quick test lint format bench gpu-wheels clean
 
 $(BIN)/facemae: pyproject.toml requirements/lock-cpu.txt
+	@echo "setup: installing the pinned packages (requirements/lock-cpu.txt) and facemae into $(VENV); quiet, about 1-2 minutes..."
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/lock-cpu.txt
 	$(BIN)/pip install -q --no-deps -e .

@@ -387,7 +387,7 @@ def config_pairs() -> list[tuple[str, str, dict, str]]:
     from pathlib import Path
 
     from facemae_dist.config import load_config
-    from facemae_dist.engine.pretrain import PretrainConfig
+    from facemae_dist.engine.pretrain import PretrainConfig, teacher_backbone
 
     pairs = []
     for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "mae").glob("*.yaml")):
@@ -395,8 +395,9 @@ def config_pairs() -> list[tuple[str, str, dict, str]]:
             continue
         cfg = load_config(PretrainConfig, path, [])
         model = (cfg.model.name, cfg.model.kwargs)
-        pairs.append((path.name, *model, cfg.irm.teacher_arch))
-        if cfg.irm.teacher_arch not in ("iresnet50", "tiny"):
+        arch = teacher_backbone(cfg.irm)[0]  # unset: the teacher's model.json, else MobileFaceNet
+        pairs.append((path.name, *model, arch))
+        if arch not in ("iresnet50", "tiny"):
             pairs.append(("  same, iResNet-50 teacher", *model, "iresnet50"))
     return pairs
 

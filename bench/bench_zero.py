@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from facemae_dist import dist  # noqa: E402
 from facemae_dist.engine.loop import EngineConfig, OptimConfig, build_engine  # noqa: E402
 from facemae_dist.engine.pretrain import (  # noqa: E402
+    FALLBACK_TEACHER,
     IRMConfig,
     MAETask,
     ModelConfig,
@@ -115,7 +116,7 @@ def _irm_loss(
     from facemae_dist.losses.irm import IRMLoss, freeze
     from facemae_dist.models.backbones import build_backbone
 
-    teacher = freeze(build_backbone(arch, IRMConfig.teacher_embedding))
+    teacher = freeze(build_backbone(arch, FALLBACK_TEACHER[1]))
     return IRMLoss(teacher, autocast_dtype=dtype, compile_teacher=compiled, teacher_dtype=weights)
 
 

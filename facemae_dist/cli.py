@@ -219,8 +219,17 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     from facemae_dist.eval.verification import make_pairs
 
-    summary = make_pairs(args.shards, args.out, args.pairs, args.seed)
-    print(json.dumps(summary))
+    s = make_pairs(args.shards, args.out, args.pairs, args.seed)
+    notes = [f"{s['folds']} folds"]
+    if s["skipped_images"]:
+        notes.append(f"{s['skipped_images']:,} undecodable images left out")
+    if s["repeated_pairs"]:
+        notes.append(f"{s['repeated_pairs']:,} repeated pairs")
+    print(
+        f"{args.shards}: {s['num_pairs']:,} pairs ({s['num_same']:,} same identity, "
+        f"{s['num_different']:,} different) of {s['num_images']:,} faces, "
+        f"{s['num_identities']:,} identities, {', '.join(notes)} → {args.out}"
+    )
     return 0
 
 

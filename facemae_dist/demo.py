@@ -165,13 +165,14 @@ class Demo:
     def pretrain(self, run_dir: Path, irm: bool) -> None:
         # IRM at the toolkit's default weight 1.0. In an earlier version of this demo, weights 0.1 /
         # 0.3 / 1.0 gave verification 0.715 / 0.711 / 0.705 and auditor leakage top-1 0.103 / 0.063 /
-        # 0.046 (MSE-only: 0.677 / 0.215), with stronger teacher-specific patterns as it grows (README)
+        # 0.046 (MSE-only: 0.677 / 0.215), with stronger teacher-specific patterns as it grows (README).
+        # The teacher's architecture (tiny, 128-d) is read from the model.json beside it.
         teacher = ["irm.weight=1.0", f"irm.teacher={self.out / 'teacher/backbone.safetensors'}"]
         self.torchrun(
             "facemae_dist.pretrain", "--config", str(_configs() / "mae/tiny_cpu.yaml"),
             f"data.train={self.out / 'shards/train'}", f"run.out_dir={run_dir}",
             f"run.max_steps={self.size.pretrain_steps}", f"data.global_batch={self.size.mae_batch}",
-            f"model.mask_ratio={self.mask_ratio}", "irm.teacher_arch=tiny", "irm.teacher_embedding=128",
+            f"model.mask_ratio={self.mask_ratio}",
             "model.norm_pix_loss=false",  # plain-pixel targets: a briefly trained MAE paints smooth faces
             "optim.base_lr=1.0e-2", "optim.warmup_steps=20",  # a short run needs a larger lr than MAE's 1.5e-4
             # clipped, unlike MAE's recipe: at this lr IRM's gradients need it (unclipped, FaceMAE-IRM

@@ -38,15 +38,32 @@ def save_grid(rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[s
 
 # ---------------------------------------------------------------- demo report
 
+# The names of the leakage audit's rates (its JSON keys: facemae_dist.eval.privacy) in every table
+# a person reads, the demo's report and `facemae audit`'s, so their numbers can be compared.
+LEAKAGE_FORMAT = "{:.3f}"
+_LEAKAGE_NAMES = {
+    "source_top1": "own image ranked first",
+    "chance_top1": "leakage top-1 by chance",
+}
+
+
+def leakage_name(key: str) -> str:
+    """The printed name of an audit rate: ``top{k}`` → "leakage top-k", ``source_top1`` → "own
+    image ranked first", ``chance_top1`` → "leakage top-1 by chance"."""
+    if key.startswith("top") and key[3:].isdigit():
+        return f"leakage top-{key[3:]}"
+    return _LEAKAGE_NAMES[key]
+
+
 _COLUMNS = [
     ("method", "method", "{}"),
     ("acc", "verification acc", "{:.4f}"),
     ("std", "± std", "{:.4f}"),
     ("error_reduction_vs_best_baseline", "error reduction vs best baseline", "{:+.1%}"),
-    ("leak_top1", "leakage top-1", "{:.3f}"),
-    ("leak_top5", "leakage top-5", "{:.3f}"),
-    ("leak_source_top1", "own image ranked first", "{:.3f}"),
-    ("teacher_leak_top1", "top-1 by the IRM teacher", "{:.3f}"),
+    ("leak_top1", leakage_name("top1"), LEAKAGE_FORMAT),
+    ("leak_top5", leakage_name("top5"), LEAKAGE_FORMAT),
+    ("leak_source_top1", leakage_name("source_top1"), LEAKAGE_FORMAT),
+    ("teacher_leak_top1", "top-1 by the IRM teacher", LEAKAGE_FORMAT),
 ]
 
 

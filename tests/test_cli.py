@@ -447,3 +447,35 @@ def test_shard_command_mixes_identities_unless_told_not_to(tmp_path) -> None:
     assert load_manifest(tmp_path / "a/train")["options"]["shuffle"] is True
     assert classes(tmp_path / "b") == sorted(classes(tmp_path / "b"))
     assert classes(tmp_path / "a") != sorted(classes(tmp_path / "a"))
+
+
+def test_make_pairs_prints_a_summary_line(sharded_split, tmp_path, capsys) -> None:
+    """`facemae make-pairs` ends with one readable line (what, how many, where), as `shard` and
+    `preview` do, not a JSON dump."""
+    out = tmp_path / "pairs.bin"
+    assert main(["make-pairs", str(sharded_split), str(out), "--pairs", "40", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.count("\n") == 0 and not printed.startswith("{")
+    assert printed.startswith(f"{sharded_split}: 40 pairs (20 same identity, 20 different)")
+    assert "7 identities, 10 folds" in printed and printed.endswith(f"→ {out}")
+    assert out.is_file()
+
+
+def test_make_setup_says_what_it_installs_before_the_quiet_installs() -> None:
+    """`make setup` runs pip -q for about a minute: a line first says what is happening and how
+    long it takes (make -n only prints the recipe; nothing is installed)."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["make", "-n", "-B", "-C", str(root), ".venv/bin/facemae"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line for line in done.stdout.splitlines() if not line.startswith("make")]
+    pip = next(i for i, line in enumerate(lines) if "pip install" in line)
+    said = [line for line in lines[:pip] if line.startswith("echo ")]
+    assert said and "installing" in said[0] and "minute" in said[0], lines

@@ -197,15 +197,22 @@ MAE_REALISTIC = [p for p in REALISTIC if p.parent.name == "mae"]
 
 @pytest.mark.parametrize("path", MAE_REALISTIC, ids=ids(MAE_REALISTIC))
 def test_irm_teacher_is_a_shipped_recognizer_of_that_architecture(path):
-    """irm.teacher names the export of a configs/recog run whose backbone is irm.teacher_arch, and
-    that run is not the one the privacy audit should use (a different recognizer exists)."""
+    """irm.teacher names the export of a configs/recog run; the teacher's architecture is left to
+    its model.json (or, if set, is that run's), and that run is not the one the privacy audit
+    should use (a different recognizer exists)."""
+    from facemae_dist.engine.pretrain import FALLBACK_TEACHER, teacher_backbone
+
     cfg = load(path)
     runs = {load(p).run.out_dir: load(p) for p in REALISTIC if p.parent.name == "recog"}
     teacher_run = str(Path(cfg.irm.teacher).parent)
     assert teacher_run in runs, f"{cfg.irm.teacher}: no configs/recog run writes it"
     recog = runs[teacher_run]
-    assert recog.backbone.name == cfg.irm.teacher_arch
-    assert recog.backbone.embedding_size == cfg.irm.teacher_embedding
+    assert cfg.irm.teacher_arch in (None, recog.backbone.name)
+    assert cfg.irm.teacher_embedding in (None, recog.backbone.embedding_size)
+    # before the teacher is trained (no model.json yet: a cost table) the fallback is this teacher
+    if not (Path(teacher_run) / "model.json").is_file():
+        assert teacher_backbone(cfg.irm)[:2] == FALLBACK_TEACHER
+        assert (recog.backbone.name, recog.backbone.embedding_size) == FALLBACK_TEACHER
     auditors = [r for d, r in runs.items() if d != teacher_run and r.data.train == recog.data.train]
     assert auditors, "no independent recognizer on the same seen split to audit with"
 

@@ -311,8 +311,8 @@ def test_compiled_teacher_gives_the_eager_loss_and_gradient(tmp_path) -> None:
 
 def test_pretrain_checks_irm_options_and_the_teacher_architecture_before_start(tmp_path) -> None:
     """validate() (before any process group) rejects bad IRM options, and a teacher whose
-    model.json (written by `facemae train`) disagrees with irm.teacher_arch/teacher_embedding,
-    in one line that gives the right overrides."""
+    model.json (written by `facemae train`) disagrees with the irm.teacher_arch/teacher_embedding
+    the config sets, in one line that gives the right overrides."""
     import json
     from pathlib import Path
 
@@ -336,23 +336,77 @@ def test_pretrain_checks_irm_options_and_the_teacher_architecture_before_start(t
     (run / "model.json").write_text(json.dumps(meta))
     irm = ["irm.weight=1", f"irm.teacher={run / 'backbone.safetensors'}"]
     with pytest.raises(FacemaeError) as err:
-        validate(load_config(PretrainConfig, config, [data, *irm]), 1)
+        validate(load_config(PretrainConfig, config, [data, *irm, "irm.teacher_embedding=512"]), 1)
     assert "set irm.teacher_arch=tiny irm.teacher_embedding=128" in str(err.value)
     assert "irm.teacher_embedding=512" in str(err.value) and "\n" not in str(err.value)
+    assert "irm.teacher_arch=tiny:" not in str(err.value)  # names only what disagrees
+    with pytest.raises(FacemaeError, match="sets irm.teacher_arch=iresnet50: set irm.teacher_arch"):
+        validate(load_config(PretrainConfig, config, [data, *irm, "irm.teacher_arch=iresnet50"]), 1)
     right = [*irm, "irm.teacher_embedding=128"]
     with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
         validate(load_config(PretrainConfig, config, [data, *right]), 1)
     meta["kwargs"] = {"width": 8}  # a teacher trained with backbone options
     (run / "model.json").write_text(json.dumps(meta))
     with pytest.raises(FacemaeError, match=r"backbone options \{'width': 8\}.*irm.teacher_kwargs"):
-        validate(load_config(PretrainConfig, config, [data, *right]), 1)
+        validate(load_config(PretrainConfig, config, [data, *right, "irm.teacher_kwargs={}"]), 1)
     with pytest.raises(FacemaeError, match="no shard manifest"):
         validate(
             load_config(PretrainConfig, config, [data, *right, "irm.teacher_kwargs={width: 8}"]), 1
         )
-    right.append("irm.teacher_kwargs={width: 8}")
+    with pytest.raises(FacemaeError, match="no shard manifest"):  # unset: read from model.json
+        validate(load_config(PretrainConfig, config, [data, *right]), 1)
     with pytest.raises(FacemaeError, match="each rank gets 2 .* IRM is always 0"):
         validate(load_config(PretrainConfig, config, [data, *right]), 8)  # 16 faces / 8 ranks
+
+
+def test_unset_teacher_architecture_is_read_from_the_teachers_model_json(tmp_path) -> None:
+    """irm.teacher_arch / teacher_embedding / teacher_kwargs left unset (the defaults, and null in
+    configs/mae/_base_mae.yaml) come from the teacher's model.json: validate() fills them in, so the
+    run's config.yaml records them; without a model.json the documented fallback applies."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from facemae_dist.config import load_config
+    from facemae_dist.engine.pretrain import (
+        FALLBACK_TEACHER,
+        IRMConfig,
+        PretrainConfig,
+        build_irm,
+        teacher_backbone,
+        validate,
+    )
+    from facemae_dist.models.backbones import build_backbone
+
+    assert (IRMConfig().teacher_arch, IRMConfig().teacher_embedding) == (None, None)
+    run = tmp_path / "recog"
+    run.mkdir()
+    save_file(build_backbone("tiny", 48, stem=16).state_dict(), str(run / "backbone.safetensors"))
+    meta = {"backbone": "tiny", "embedding_size": 48, "kwargs": {"stem": 16}}
+    (run / "model.json").write_text(json.dumps(meta))
+    config = Path(__file__).resolve().parents[1] / "configs/mae/vit_b8_casia.yaml"  # a base: chain
+    over = [f"data.train={tmp_path / 'no-shards'}", "irm.weight=1", f"irm.teacher={run}"]
+    cfg = load_config(PretrainConfig, config, over)
+    assert cfg.irm.teacher_arch is None and cfg.irm.teacher_kwargs is None
+    assert teacher_backbone(cfg.irm) == ("tiny", 48, {"stem": 16})
+    with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
+        validate(cfg, 1)
+    assert (cfg.irm.teacher_arch, cfg.irm.teacher_embedding, cfg.irm.teacher_kwargs) == (
+        "tiny",
+        48,
+        {"stem": 16},
+    )
+    assert build_irm(IRMConfig(teacher=str(run)), torch.device("cpu")) is not None  # loads
+    # no model.json (a teacher exported elsewhere, or none named: a cost table): the fallback
+    assert teacher_backbone(IRMConfig()) == (*FALLBACK_TEACHER, {})
+    (run / "model.json").unlink()
+    assert teacher_backbone(IRMConfig(teacher=str(run))) == (*FALLBACK_TEACHER, {})
+    assert teacher_backbone(IRMConfig(teacher=str(run), teacher_arch="tiny")) == (
+        "tiny",
+        FALLBACK_TEACHER[1],
+        {},
+    )
 
 
 def test_folding_skips_batch_statistics_and_handles_plain_batchnorm() -> None:
@@ -398,7 +452,7 @@ def test_irm_teacher_may_be_a_train_run_folder(tmp_path) -> None:
     data = f"data.train={tmp_path / 'no-shards'}"
     irm = ["irm.weight=1", f"irm.teacher={run}", "irm.teacher_arch=tiny"]
     with pytest.raises(FacemaeError, match="irm.teacher_embedding=32"):  # model.json was read
-        validate(load_config(PretrainConfig, config, [data, *irm]), 1)
+        validate(load_config(PretrainConfig, config, [data, *irm, "irm.teacher_embedding=64"]), 1)
     with pytest.raises(FacemaeError, match="no shard manifest"):  # the teacher passed
         validate(load_config(PretrainConfig, config, [data, *irm, "irm.teacher_embedding=32"]), 1)
     cfg = IRMConfig(teacher=str(run), teacher_arch="tiny", teacher_embedding=32)

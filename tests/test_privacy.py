@@ -228,7 +228,7 @@ def test_command_line_writes_the_report(splits, tiny, tmp_path, capsys):
         report = main(argv)
     assert report["top1"] == report["source_top1"] == 1.0 and report["model"] == str(weights)
     assert json.loads(out.read_text())["num_gallery"] == 30
-    assert "source@1" in capsys.readouterr().out
+    assert "own image ranked first" in capsys.readouterr().out
     assert cli_main(["audit", *argv[:2], "--model", str(tmp_path / "none.safetensors")]) == 2
     assert "no recognizer export" in capsys.readouterr().err
 
@@ -268,3 +268,39 @@ def test_bad_device_and_facemae_export_are_one_line_errors(splits, tiny, tmp_pat
     argv = ["audit", str(splits["train"]), str(splits["train"]), "--no-progress"]
     assert cli_main([*argv, "--model", str(mae / "facemae.safetensors")]) == 2
     assert cli_main([*argv, "--model", str(export(tiny, tmp_path / "r")), "--device", "cuda"]) == 2
+
+
+def test_audit_table_names_and_formats_rates_as_the_demo_report_does() -> None:
+    """`facemae audit` prints each rate under the demo report table's column name, in its format,
+    so a user can compare the two; the JSON keys stay top1/top5/source_top1/chance_top1."""
+    import io
+
+    from rich.console import Console
+
+    from facemae_dist.eval.privacy import _table
+    from facemae_dist.report import _COLUMNS, _cells
+
+    def printed(report: dict) -> dict[str, str]:
+        console = Console(file=io.StringIO(), width=200)
+        console.print(_table(report))
+        lines = console.file.getvalue().splitlines()
+        cells = [[c.strip() for c in line.strip("│ ").split("│")] for line in lines]
+        return {c[0]: c[1] for c in cells if len(c) == 2}
+
+    report = {
+        "top1": 0.0461, "top5": 0.2, "top10": 0.5, "source_top1": 0.0123, "chance_top1": 0.004,
+        "num_queries": 10, "source_queries": 8, "skipped_queries": 0, "num_gallery": 30,
+        "gallery_identities": 6,
+    }  # fmt: skip
+    rows = printed(report)
+    demo = {"method": "x", **{f"leak_{k}": v for k, v in report.items()}}
+    shown = dict(zip((header for _, header, _ in _COLUMNS), _cells(demo), strict=True))
+    for key in ("leak_top1", "leak_top5", "leak_source_top1"):
+        header = next(h for k, h, _ in _COLUMNS if k == key)
+        assert rows[header] == shown[header], header  # same name, same number
+    assert list(rows)[:5] == [
+        "leakage top-1", "leakage top-5", "leakage top-10", "own image ranked first",
+        "leakage top-1 by chance",
+    ]  # fmt: skip
+    assert rows["leakage top-1"] == "0.046" and rows["leakage top-1 by chance"] == "0.004"
+    assert printed({**report, "source_top1": None})["own image ranked first"] == "—"

@@ -231,3 +231,33 @@ def test_auditing_a_release_whose_input_moved_names_the_missing_split(unseen, tm
     shutil.rmtree(moved)
     with pytest.raises(FacemaeError, match=f"made from, {moved}, which is not there"):
         ReleaseNames(str(tmp_path / "blur"))
+
+
+def test_rerunning_a_finished_release_says_it_is_complete(unseen, tmp_path, capsys):
+    """The same `facemae reconstruct` into a finished folder writes nothing and says so (and how
+    to release again), instead of a "0 img ... done" progress line."""
+    from facemae_dist.engine.reconstruct import main
+
+    out = tmp_path / "blur"
+    args = [str(unseen), str(out), "--method", "blur", "--batch-size", "7"]
+    first = main(args)
+    printed = capsys.readouterr()
+    assert "already_complete" not in first
+    assert f"blur: 30 faces of 3 identities → {out}" in printed.out
+    assert "release blur: 30" in printed.err  # the progress line of the real work
+    before = tar_hashes(out)
+    again = main(args)
+    printed = capsys.readouterr()
+    assert again["already_complete"] is True and again["shards"] == first["shards"]
+    assert printed.out.strip() == (
+        f"{out} already holds this complete blur release of {unseen} (30 faces of 3 "
+        f"identities): nothing to do; to release again, delete {out} or choose another output "
+        "folder"
+    )
+    assert "img" not in printed.err  # no progress bar over nothing
+    assert {k: v for k, v in tar_hashes(out).items() if k.endswith(".tar")} == {
+        k: v for k, v in before.items() if k.endswith(".tar")
+    }
+    (out / "manifest.json").unlink()  # a run killed before its manifest: that one is finished
+    assert "already_complete" not in main(args)
+    assert f"blur: 30 faces of 3 identities → {out}" in capsys.readouterr().out

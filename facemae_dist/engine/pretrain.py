@@ -45,14 +45,23 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. decoder_dim, decoder_depth
 
 
+# The teacher assumed for unset irm.teacher_arch / irm.teacher_embedding when no model.json says
+# otherwise (a teacher exported elsewhere, or none named yet, as in a cost table): a MobileFaceNet, the
+# light teacher the shipped configs pair with (its cost over the MAE's is IRM's whole overhead).
+FALLBACK_TEACHER = ("mobilefacenet", 512)
+
+
 @dataclass
 class IRMConfig:
     weight: float = 1.0  # w_irm; 0 = MSE-only ablation (no teacher needed)
     w_mse: float = 1.0
     teacher: str | None = None  # .safetensors of a recognizer trained with `facemae train`
-    teacher_arch: str = "mobilefacenet"  # light: its cost is IRM's overhead
-    teacher_embedding: int = 512
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # backbone options (model.json)
+    # the teacher's backbone, embedding size and backbone options; None (unset): read from the
+    # model.json `facemae train` writes beside the teacher (a teacher without one: FALLBACK_TEACHER).
+    # Set, they must agree with that model.json.
+    teacher_arch: str | None = None
+    teacher_embedding: int | None = None
+    teacher_kwargs: dict[str, Any] | None = None
     temperature: float = 0.1
     similarity: str = "cosine"  # cosine | dot
     direction: str = "forward"  # forward KL(orig||recon) | reverse | symmetric
@@ -93,7 +102,8 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def validate(cfg: PretrainConfig, world_size: int) -> int:
-    """Fail before any process group starts; returns the per-rank micro-batch size."""
+    """Fail before any process group starts; returns the per-rank micro-batch size. Fills in the
+    IRM teacher's unset architecture fields (:func:`resolve_teacher`)."""
     validate_common(cfg)
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise FacemaeError(f"model.mask_ratio must be in (0, 1), got {cfg.model.mask_ratio}")
@@ -117,7 +127,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
             raise FacemaeError(
                 f"irm.teacher {irm.teacher} not found: train a recognizer with `facemae train` first"
             )
-        check_teacher_meta(irm)
+        resolve_teacher(irm)  # unset architecture fields from the teacher's model.json
         if micro < MIN_IRM_BATCH:
             raise FacemaeError(
                 f"IRM relates the faces of a micro-batch, but each rank gets {micro} "
@@ -151,30 +161,67 @@ def teacher_file(teacher: str) -> Path:
     return path / "backbone.safetensors"
 
 
-def check_teacher_meta(irm: IRMConfig) -> None:
-    """The model.json `facemae train` writes beside its export names the teacher's architecture:
-    irm.teacher_arch, irm.teacher_embedding and irm.teacher_kwargs must agree with it (else loading
-    it fails later)."""
+def _teacher_meta(irm: IRMConfig) -> tuple[dict[str, Any], Path] | None:
+    """The recognizer's model.json beside irm.teacher (written by `facemae train`) and its path, or
+    None for a teacher without one."""
+    if not irm.teacher:
+        return None
     meta_file = teacher_file(irm.teacher).parent / "model.json"
     if not meta_file.is_file():
-        return  # a teacher exported elsewhere: the state dict is checked when it is loaded
+        return None  # a teacher exported elsewhere: the state dict is checked when it is loaded
     fix = "pass the .safetensors of a recognizer trained with `facemae train`"
     meta = read_json(meta_file, f"irm.teacher {irm.teacher}", fix)
     if model_json_kind(meta) != "recognizer":
         raise FacemaeError(f"irm.teacher {irm.teacher}: {meta_file} is no recognizer's; {fix}")
-    arch, size, kwargs = meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {}
-    if (arch, size) != (irm.teacher_arch, irm.teacher_embedding):
-        raise FacemaeError(
-            f"irm.teacher {irm.teacher} is a {arch} recognizer with {size}-d embeddings "
-            f"({meta_file}), but irm.teacher_arch={irm.teacher_arch} "
-            f"irm.teacher_embedding={irm.teacher_embedding}: "
-            f"set irm.teacher_arch={arch} irm.teacher_embedding={size}"
-        )
-    if kwargs != irm.teacher_kwargs:
-        raise FacemaeError(
-            f"irm.teacher {irm.teacher} was built with backbone options {kwargs} ({meta_file}), "
-            f"but irm.teacher_kwargs is {irm.teacher_kwargs}: set irm.teacher_kwargs to the same"
-        )
+    return meta, meta_file
+
+
+def teacher_backbone(irm: IRMConfig) -> tuple[str, int, dict[str, Any]]:
+    """(backbone, embedding size, backbone options) of the IRM teacher: the values the config sets,
+    the unset ones from the model.json beside irm.teacher, else :data:`FALLBACK_TEACHER` (no
+    options). Checks nothing: :func:`resolve_teacher` does, before a run."""
+    found = _teacher_meta(irm)
+    if found:
+        meta = found[0]
+        known = (meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {})
+    else:
+        known = (*FALLBACK_TEACHER, {})
+    arch, size, kwargs = (irm.teacher_arch, irm.teacher_embedding, irm.teacher_kwargs)
+    return (
+        known[0] if arch is None else arch,
+        known[1] if size is None else size,
+        known[2] if kwargs is None else kwargs,
+    )
+
+
+def resolve_teacher(irm: IRMConfig) -> None:
+    """Fill in the unset irm.teacher_arch, irm.teacher_embedding and irm.teacher_kwargs from the
+    teacher's model.json (written by `facemae train` beside its export; without one, from
+    :data:`FALLBACK_TEACHER`), so the run's config.yaml records the teacher it used. Values the
+    config sets must agree with that model.json (else loading the teacher fails later)."""
+    found = _teacher_meta(irm)
+    if found:
+        meta, meta_file = found
+        arch, size, kwargs = meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {}
+        given = {
+            "teacher_arch": (irm.teacher_arch, arch),
+            "teacher_embedding": (irm.teacher_embedding, size),
+        }
+        wrong = [f"irm.{k}={v}" for k, (v, right) in given.items() if v is not None and v != right]
+        if wrong:
+            raise FacemaeError(
+                f"irm.teacher {irm.teacher} is a {arch} recognizer with {size}-d embeddings "
+                f"({meta_file}), but the config sets {' '.join(wrong)}: "
+                f"set irm.teacher_arch={arch} irm.teacher_embedding={size}, or null to read them "
+                "from model.json"
+            )
+        if irm.teacher_kwargs is not None and kwargs != irm.teacher_kwargs:
+            raise FacemaeError(
+                f"irm.teacher {irm.teacher} was built with backbone options {kwargs} "
+                f"({meta_file}), but irm.teacher_kwargs is {irm.teacher_kwargs}: set "
+                "irm.teacher_kwargs to the same, or null to read them from model.json"
+            )
+    irm.teacher_arch, irm.teacher_embedding, irm.teacher_kwargs = teacher_backbone(irm)
 
 
 def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp32"):
@@ -183,10 +230,8 @@ def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp3
     from facemae_dist.losses.irm import IRMLoss, load_teacher
     from facemae_dist.models.backbones import build_backbone
 
-    teacher = load_teacher(
-        teacher_file(cfg.teacher),
-        lambda: build_backbone(cfg.teacher_arch, cfg.teacher_embedding, **cfg.teacher_kwargs),
-    )
+    arch, size, kwargs = teacher_backbone(cfg)
+    teacher = load_teacher(teacher_file(cfg.teacher), lambda: build_backbone(arch, size, **kwargs))
     precision = cfg.teacher_precision or engine_precision
     return IRMLoss(
         teacher.to(device),

@@ -350,7 +350,8 @@ def _claim_output(out: Path, input_split: str, fp: dict[str, Any], rank: int) ->
 
 
 def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOptions) -> dict | None:
-    """Release every face of `input_split` into `output_split`; returns the manifest on rank 0.
+    """Release every face of `input_split` into `output_split`; returns the manifest on rank 0,
+    plus ``already_complete: True`` when an earlier run had finished it (nothing was written).
 
     An output folder belongs to one release (see :func:`fingerprint`): running the same command
     again resumes it; another input or other options there are refused."""
@@ -368,13 +369,16 @@ def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOpti
     out.mkdir(parents=True, exist_ok=True)
     _claim_output(out, input_split, fp, info.rank)
     done = _done_entries(out)
+    # the same command again after it finished (not after a kill that left only the manifest out)
+    complete = len(done) == len(src["urls"]) and (out / MANIFEST).is_file()
     mine = [
         i for i in range(len(src["urls"])) if i % info.world_size == info.rank and i not in done
     ]
     total = sum(src["shards"][i]["samples"] for i in mine) * opts.copies
+    show = opts.progress and info.is_main and not complete  # no "0 img ... done" bar
     with (
         open_journal(out / f".journal-rank{info.rank:05d}.jsonl") as journal,
-        ProgressBar(f"release {opts.method}", total, "img", opts.progress and info.is_main) as bar,
+        ProgressBar(f"release {opts.method}", total, "img", show) as bar,
     ):
         for i in mine:
             entry = release_shard(
@@ -390,7 +394,7 @@ def reconstruct_split(input_split: str, output_split: str, opts: ReconstructOpti
     dist.barrier()
     manifest = _merge_manifest(src, out, opts, input_split) if info.is_main else None
     dist.barrier()
-    return manifest
+    return {**manifest, "already_complete": True} if manifest and complete else manifest
 
 
 def _merge_manifest(src: dict, out: Path, opts: ReconstructOptions, input_split: str) -> dict:
@@ -521,8 +525,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     a = parser().parse_args(argv)
     opts = _options(a)
     manifest = reconstruct_split(a.input, a.output, opts)
-    if manifest is not None:
+    if manifest is None:
+        return None
+    faces = f"{manifest['num_samples']:,} faces of {manifest['num_classes']:,} identities"
+    if manifest.get("already_complete"):
         print(
-            f"{opts.method}: {manifest['num_samples']:,} faces of {manifest['num_classes']:,} identities → {a.output}"
+            f"{a.output} already holds this complete {opts.method} release of {a.input} "
+            f"({faces}): nothing to do; to release again, delete {a.output} or choose another "
+            "output folder"
         )
+    else:
+        print(f"{opts.method}: {faces} → {a.output}")
     return manifest

@@ -28,6 +28,9 @@ Protocol:
    * ``chance_top1``: identity hit@1 of a random ranking (mean share of the gallery that holds
      the query's identity), the floor to compare ``top1`` with.
 
+`facemae audit` and the demo's report table print these as "leakage top-k", "own image ranked
+first" and "leakage top-1 by chance" (:func:`facemae_dist.report.leakage_name`).
+
 Released identities absent from the gallery: their queries could never hit, so they are left out
 of the rates with a warning and counted in ``skipped_queries`` / ``missing_identities``; with
 ``strict=True`` (``--strict``) this is an error, and it always is when no identity matches.
@@ -380,18 +383,20 @@ def audit(
 
 
 def _table(report: dict[str, Any]):
+    """The report as a table, its rates named and formatted as in the demo's report table."""
     from rich.table import Table
 
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f} %"
+    from facemae_dist.report import LEAKAGE_FORMAT, leakage_name
 
     table = Table(title="privacy leakage (lower = less leakage)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in sorted(k for k in report if k.startswith("top") and k[3:].isdigit()):
-        table.add_row(f"identity hit@{key[3:]}", pct(report[key]))
-    table.add_row("source@1", pct(report["source_top1"]))
-    table.add_row("chance hit@1", pct(report["chance_top1"]))
+    rates = sorted(
+        (k for k in report if k.startswith("top") and k[3:].isdigit()), key=lambda k: int(k[3:])
+    )
+    for key in [*rates, "source_top1", "chance_top1"]:
+        value = report[key]  # None: no query's source is in the gallery
+        table.add_row(leakage_name(key), "—" if value is None else LEAKAGE_FORMAT.format(value))
     table.add_row("queries (released faces)", f"{report['num_queries']:,}")
     table.add_row("  with their source in the gallery", f"{report['source_queries']:,}")
     table.add_row("  left out (identity not in gallery)", f"{report['skipped_queries']:,}")

@@ -294,6 +294,7 @@ def load_teacher(path: str | Path, build_fn: Callable[[], nn.Module]) -> nn.Modu
         raise FacemaeError(
             f"IRM teacher {file} does not match the architecture built for it "
             f"({_state_mismatch(model.state_dict(), state)}): set irm.teacher_arch and "
-            "irm.teacher_embedding to the recognizer that wrote the file (its model.json says which)"
+            "irm.teacher_embedding to the recognizer that wrote the file (unset, they are read from "
+            "the model.json `facemae train` writes beside it; without one: mobilefacenet, 512)"
         ) from None
     return freeze(model)
