@@ -6,7 +6,7 @@
    width, mask tokens concatenated then unshuffled with another expanded gather, loss over all patches
    weighted by the mask). Same dimensions, same timm blocks, same weights, same masks. FaceMAE's
    gain has two parts, printed apart: its layout, and its linears on oneDNN where PyTorch's MKL
-   matmul is slow (``cpu_linear``, facemae_dist.models.cpu_linear); the reference runs PyTorch's
+   matmul is slow (``cpu_linear``, facemae_dist.models.cpu_kernels); the reference runs PyTorch's
    default kernels, and once more with the same oneDNN linears.
 2. IRM overhead: step time of MAE + IRM vs MSE only, same batch, with the toolkit's teacher
    backbones; and the FLOP ratio of the (MAE, teacher) pairs that configs/mae/ use.
@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from facemae_dist.losses.irm import IRMLoss
-from facemae_dist.models.cpu_linear import (
+from facemae_dist.models.cpu_kernels import (
     cpu_vendor,
     onednn_linear_available,
     onednn_matmul,

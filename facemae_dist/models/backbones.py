@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from facemae_dist.errors import FacemaeError
-from facemae_dist.models.cpu_linear import resolve_cpu_linear, use_onednn_linears
+from facemae_dist.models.cpu_kernels import PReLU, resolve_cpu_linear, use_onednn_linears
 
 __all__ = [
     "IResNet",
@@ -58,7 +58,7 @@ class IBasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cin, eps=eps)
         self.conv1 = _conv3x3(cin, cout)
         self.bn2 = nn.BatchNorm2d(cout, eps=eps)
-        self.prelu = nn.PReLU(cout)
+        self.prelu = PReLU(cout)
         self.conv2 = _conv3x3(cout, cout, stride)
         self.bn3 = nn.BatchNorm2d(cout, eps=eps)
         self.downsample: nn.Module | None = None
@@ -87,7 +87,7 @@ class IResNet(nn.Module):
         super().__init__()
         self.conv1 = _conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.prelu = nn.PReLU(widths[0])
+        self.prelu = PReLU(widths[0])
         stages, cin = [], widths[0]
         for depth, width in zip(layers, widths, strict=True):
             blocks = [IBasicBlock(cin, width, stride=2)]
@@ -160,7 +160,7 @@ class ConvBN(nn.Sequential):
             nn.BatchNorm2d(cout),
         ]
         if act:
-            mods.append(nn.PReLU(cout))
+            mods.append(PReLU(cout))
         super().__init__(*mods)
 
 

@@ -21,7 +21,7 @@ added to visible tokens only; every gather is an ``index_select`` on the flatten
 ``expand``-ed index tensors); the decoder input is written with one ``index_copy`` into a buffer that
 already holds mask token + position; the loss touches masked rows only. On CPUs where PyTorch's MKL
 matmul is slow (AMD), the linear layers run on oneDNN (``cpu_linear``, see
-:mod:`facemae_dist.models.cpu_linear`): the same fp32 math, 1.5-2x faster training steps.
+:mod:`facemae_dist.models.cpu_kernels`): the same fp32 math, 1.5-2x faster training steps.
 
 Patch pixel order everywhere is ``(p, q, c)`` (row inside the patch, column, channel), patches in
 raster order -- the order of :func:`patchify`.
@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from facemae_dist.errors import FacemaeError
-from facemae_dist.models.cpu_linear import resolve_cpu_linear, use_onednn_linears
+from facemae_dist.models.cpu_kernels import resolve_cpu_linear, use_onednn_linears
 
 __all__ = [
     "ENCODER_PRESETS",

@@ -1,4 +1,6 @@
-"""Linear layers through oneDNN on CPUs where PyTorch's MKL matmul runs a slow code path.
+"""Two CPU training kernels that PyTorch runs far below the machine's speed, replaced.
+
+**Linear layers through oneDNN on CPUs where PyTorch's MKL matmul runs a slow code path.**
 
 PyTorch's fp32 ``addmm`` on x86 goes to MKL, and MKL chooses its fast kernels by CPU *vendor*: on
 AMD CPUs it runs an AVX2 path even where the core has full AVX-512. oneDNN (also bundled with
@@ -10,7 +12,14 @@ the order of the sums differs (relative differences ~1e-6).
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, same state dict, so checkpoints,
 DeepSpeed and timm see no difference) whose forward and backward call oneDNN for fp32 CPU tensors
-and ``F.linear`` for anything else (CUDA, bf16, autocast, ``torch.compile``, export tracing).
+and ``F.linear`` for anything else (CUDA, bf16, autocast, ``torch.compile``, export tracing, dispatch modes such as
+``FlopCounterMode``).
+
+**PReLU's backward.** ATen's CPU ``_prelu_kernel_backward`` computes the input and slope gradients
+in one pass at ~5 ns per element, 60x its forward; in an IRM step it was 43% of a frozen
+MobileFaceNet teacher's time. :class:`PReLU` (an ``nn.PReLU``, same state dict) keeps ATen's
+forward and writes the backward as a few vectorised passes (the slope gradient only when the slope
+trains): ~6x faster, equal up to the last bit of the slope blend.
 """
 
 from __future__ import annotations
@@ -21,12 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from facemae_dist.errors import FacemaeError
 
 __all__ = [
     "CPU_LINEAR_CHOICES",
     "OneDNNLinear",
+    "PReLU",
     "onednn_matmul",
     "resolve_cpu_linear",
     "use_onednn_linears",
@@ -109,18 +120,26 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _eager_fp32_cpu(x: Tensor, weight: Tensor) -> bool:
+    """Whether a replacement kernel may run: fp32 CPU tensors in plain eager mode (not autocast,
+    ``torch.compile``, ONNX/TorchScript tracing, or a dispatch mode such as a FLOP counter, all of
+    which expect ATen's own ops), and a non-empty input."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+        and x.numel() > 0  # oneDNN has no primitive for an empty weight-gradient product
+    )
+
+
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU products run on oneDNN (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()  # ONNX/TorchScript export records F.linear
-            and x.numel() > 0  # oneDNN has no primitive for an empty weight-gradient product
-        ):
+        if _eager_fp32_cpu(x, self.weight):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -136,3 +155,43 @@ def use_onednn_linears(module: nn.Module) -> int:
             layer.__class__ = OneDNNLinear
             count += 1
     return count
+
+
+class _PReLUFunction(torch.autograd.Function):
+    """PReLU with ATen's forward and a backward of vectorised passes (no ``torch.where``, which is as
+    slow as the kernel it would replace on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return torch._prelu_kernel(x, _per_channel(weight, x))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        slope = _per_channel(weight, x)
+        positive = (x > 0).to(x.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # d/dx = 1 where x > 0, else the slope
+            grad_x = positive.mul(1.0 - slope).add_(slope).mul_(grad_out)
+        if ctx.needs_input_grad[1]:  # d/dslope = x where x <= 0
+            per_element = (grad_out * x).mul_(1.0 - positive)
+            dims = [d for d in range(x.dim()) if d != 1 or weight.numel() == 1]
+            grad_w = per_element.sum(dims).reshape(weight.shape)
+        return grad_x, grad_w
+
+
+def _per_channel(weight: Tensor, x: Tensor) -> Tensor:
+    """The slope shaped to broadcast over ``x`` (channels on axis 1), as ``F.prelu`` does."""
+    if weight.numel() == 1:
+        return weight.reshape(())
+    return weight.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` whose CPU backward is ~6x faster (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _eager_fp32_cpu(x, self.weight) and x.dim() >= 2:
+            return _PReLUFunction.apply(x, self.weight)
+        return F.prelu(x, self.weight)

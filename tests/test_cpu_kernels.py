@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from facemae_dist.errors import FacemaeError
-from facemae_dist.models import cpu_linear
-from facemae_dist.models.cpu_linear import (
+from facemae_dist.models import cpu_kernels
+from facemae_dist.models.cpu_kernels import (
     OneDNNLinear,
+    PReLU,
     onednn_linear_available,
     resolve_cpu_linear,
     use_onednn_linears,
@@ -78,9 +79,9 @@ def test_resolve_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_cpu_linear("aten") == "aten"
     with pytest.raises(FacemaeError, match="model.kwargs.cpu_linear"):
         resolve_cpu_linear("mkl")
-    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: "GenuineIntel")
     assert resolve_cpu_linear("auto") == "aten"
-    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: "AuthenticAMD")
     assert resolve_cpu_linear("auto") == ("onednn" if onednn_linear_available() else "aten")
 
 
@@ -114,3 +115,68 @@ def test_vit_backbone_takes_the_same_choice() -> None:
     assert any(isinstance(m, OneDNNLinear) for m in fast.modules())
     x = torch.randn(2, 3, 112, 112)
     torch.testing.assert_close(fast(x), aten(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_flop_counter_sees_the_same_flops() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model: nn.Module) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(
+                torch.randn(2, 3, 112, 112), generator=torch.Generator().manual_seed(0)
+            ).loss.backward()
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    assert (
+        flops(FaceMAE(**MICRO, cpu_linear="onednn"))
+        == flops(FaceMAE(**MICRO, cpu_linear="aten"))
+        > 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("channels", "shape", "channels_last"),
+    [
+        (6, (4, 6, 5, 7), False),
+        (6, (4, 6, 5, 7), True),
+        (1, (4, 6, 5, 7), False),
+        (6, (9, 6), False),
+    ],
+)
+@pytest.mark.parametrize("train_slope", [True, False])
+def test_prelu_matches_nn_prelu(
+    channels: int, shape: tuple[int, ...], channels_last: bool, train_slope: bool
+) -> None:
+    torch.manual_seed(0)
+    plain, fast = nn.PReLU(channels), PReLU(channels)
+    with torch.no_grad():  # slopes of both signs and above 1, as a trained PReLU may have
+        plain.weight.copy_(torch.linspace(-0.5, 1.5, channels))
+    fast.load_state_dict(plain.state_dict())
+    for m in (plain, fast):
+        m.weight.requires_grad_(train_slope)
+    x = torch.randn(*shape)
+    x[0, 0] = 0.0  # the kink: both give the slope's side
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    grad = torch.randn(*shape)
+    ya, yb = plain(xa), fast(xb)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-6, atol=1e-7)
+    if train_slope:
+        torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    else:
+        assert fast.weight.grad is None
+
+
+def test_backbones_use_the_fast_prelu() -> None:
+    from facemae_dist.models.backbones import build_backbone
+
+    for name in ("mobilefacenet", "iresnet18"):
+        prelus = [m for m in build_backbone(name).modules() if isinstance(m, nn.PReLU)]
+        assert prelus and all(type(m) is PReLU for m in prelus)
