@@ -9,6 +9,7 @@ from torch import nn
 from facemae_dist.errors import FacemaeError
 from facemae_dist.models import cpu_kernels
 from facemae_dist.models.cpu_kernels import (
+    Conv2d,
     OneDNNLinear,
     PReLU,
     onednn_linear_available,
@@ -174,9 +175,43 @@ def test_prelu_matches_nn_prelu(
         assert fast.weight.grad is None
 
 
-def test_backbones_use_the_fast_prelu() -> None:
+def test_backbones_use_the_fast_prelu_and_conv() -> None:
     from facemae_dist.models.backbones import build_backbone
 
-    for name in ("mobilefacenet", "iresnet18"):
-        prelus = [m for m in build_backbone(name).modules() if isinstance(m, nn.PReLU)]
-        assert prelus and all(type(m) is PReLU for m in prelus)
+    for name in ("mobilefacenet", "iresnet18", "tiny"):
+        modules = list(build_backbone(name).modules())
+        prelus = [m for m in modules if isinstance(m, nn.PReLU)]
+        assert all(type(m) is PReLU for m in prelus) and (prelus or name == "tiny")
+        assert all(type(m) is Conv2d for m in modules if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("batch", [2, 20])  # ATen's slow path below 16 on one thread, oneDNN above
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_matches_nn_conv2d(batch: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    plain, fast = nn.Conv2d(24, 40, 1, bias=bias), Conv2d(24, 40, 1, bias=bias)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(batch, 24, 6, 5).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain(xa), fast(xb)
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+    for p, q in zip(plain.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_other_convs_are_nn_conv2d(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: calls.append(1) or x)
+    x_cl = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    Conv2d(8, 8, 3, padding=1)(x_cl)  # 3x3
+    Conv2d(8, 8, 1, stride=2)(x_cl)  # strided
+    Conv2d(8, 8, 1, groups=2)(x_cl)  # grouped
+    Conv2d(8, 8, 1)(torch.randn(2, 8, 6, 6))  # NCHW input
+    assert len(calls) == 4
+    Conv2d(8, 8, 1)(x_cl)
+    assert len(calls) == 4  # the pointwise channels-last case is the matmul

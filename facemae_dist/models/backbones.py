@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from facemae_dist.errors import FacemaeError
-from facemae_dist.models.cpu_kernels import PReLU, resolve_cpu_linear, use_onednn_linears
+from facemae_dist.models.cpu_kernels import Conv2d, PReLU, resolve_cpu_linear, use_onednn_linears
 
 __all__ = [
     "IResNet",
@@ -47,7 +47,7 @@ IMAGE_SIZE = 112
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 class IBasicBlock(nn.Module):
@@ -64,7 +64,7 @@ class IBasicBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout, eps=eps)
+                Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout, eps=eps)
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ class ConvBN(nn.Sequential):
     ) -> None:
         pad = kernel // 2 if padding is None else padding
         mods: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups, bias=False),
+            Conv2d(cin, cout, kernel, stride, pad, groups=groups, bias=False),
             nn.BatchNorm2d(cout),
         ]
         if act:
@@ -262,7 +262,7 @@ class TinyFaceNet(nn.Module):
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+        Conv2d(cin, cout, kernel, stride, padding, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )

@@ -20,6 +20,12 @@ in one pass at ~5 ns per element, 60x its forward; in an IRM step it was 43% of 
 MobileFaceNet teacher's time. :class:`PReLU` (an ``nn.PReLU``, same state dict) keeps ATen's
 forward and writes the backward as a few vectorised passes (the slope gradient only when the slope
 trains): ~6x faster, equal up to the last bit of the slope blend.
+
+**1x1 convolutions of small batches.** ATen sends a 1x1, stride-1 fp32 convolution to its slow
+im2col path, not oneDNN, when the batch is under 16 on one thread (the case of a rank's IRM
+teacher under torchrun, which sets one thread per process): 55% of a MobileFaceNet teacher's time at
+batch 8. On a channels-last input such a convolution is exactly a matmul over the channels, and
+:class:`Conv2d` runs it as one (through oneDNN where :func:`resolve_cpu_linear` picks it).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from facemae_dist.errors import FacemaeError
 
 __all__ = [
     "CPU_LINEAR_CHOICES",
+    "Conv2d",
     "OneDNNLinear",
     "PReLU",
     "onednn_matmul",
@@ -195,3 +202,33 @@ class PReLU(nn.PReLU):
         if _eager_fp32_cpu(x, self.weight) and x.dim() >= 2:
             return _PReLUFunction.apply(x, self.weight)
         return F.prelu(x, self.weight)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs a 1x1, stride-1 convolution of a channels-last fp32 CPU input as a
+    matmul over the channels (see the module docstring); every other case is ``nn.Conv2d``'s."""
+
+    def _pointwise(self) -> bool:
+        return (
+            self.kernel_size == (1, 1)
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding in ((0, 0), "valid")
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and self._pointwise()
+            and _eager_fp32_cpu(x, self.weight)
+        ):
+            pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous: no copy
+            weight = self.weight.flatten(1)
+            if resolve_cpu_linear("auto") == "onednn":
+                out = _OneDNNLinearFunction.apply(pixels, weight, self.bias)
+            else:
+                out = F.linear(pixels, weight, self.bias)
+            return out.permute(0, 3, 1, 2)  # channels-last NCHW, as the convolution returns
+        return super().forward(x)
