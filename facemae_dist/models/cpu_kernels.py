@@ -3,7 +3,8 @@
 **Linear layers through oneDNN on CPUs where PyTorch's MKL matmul runs a slow code path.**
 
 PyTorch's fp32 ``addmm`` on x86 goes to MKL, and MKL chooses its fast kernels by CPU *vendor*: on
-AMD CPUs it runs an AVX2 path even where the core has full AVX-512. oneDNN (also bundled with
+AMD CPUs it runs at AVX2 speed even where the core has full AVX-512 (``MKL_ENABLE_INSTRUCTIONS``
+and ``MKL_DEBUG_CPU_TYPE`` do not change that in the MKL PyTorch bundles). oneDNN (also bundled with
 PyTorch; it already runs every CPU convolution and bf16 matmul) picks kernels by instruction set. On
 the AMD EPYC (Zen 5) machine this toolkit is tested on, one fp32 thread does ~110 GFLOP/s through
 MKL and ~240 GFLOP/s through oneDNN for the MAE's matrix shapes, and a FaceMAE training step runs
