@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from facemae_dist.models.mae import FaceMAE
 needs_onednn = pytest.mark.skipif(
     not onednn_linear_available(), reason="no oneDNN linear kernel in this build"
 )
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mae" / "tiny_cpu.yaml"
 MICRO = dict(embed_dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1, decoder_heads=4)
 
 
@@ -215,3 +218,64 @@ def test_other_convs_are_nn_conv2d(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 4
     Conv2d(8, 8, 1)(x_cl)
     assert len(calls) == 4  # the pointwise channels-last case is the matmul
+
+
+def test_availability_probe_ignores_a_meta_default_device_and_dtype() -> None:
+    # validate() builds the model under torch.device("meta") first; that answer is kept
+    expected = onednn_linear_available()
+    onednn_linear_available.cache_clear()
+    try:
+        with torch.device("meta"):
+            assert onednn_linear_available() == expected
+        onednn_linear_available.cache_clear()
+        torch.set_default_dtype(torch.float64)
+        assert onednn_linear_available() == expected
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.device("meta"):
+        built = FaceMAE(**MICRO)
+    assert any(isinstance(m, OneDNNLinear) for m in built.modules()) == (
+        resolve_cpu_linear("auto") == "onednn"
+    )
+
+
+@needs_onednn
+def test_outputs_can_be_modified_in_place() -> None:
+    _, fast = _pair(True)
+    x = torch.randn(2, 3, 48, requires_grad=True)
+    fast(x).relu_().sum().backward()  # 3-D: oneDNN's result is a view
+    conv = Conv2d(8, 8, 1)
+    y = conv(torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last))
+    torch.relu_(y).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+@needs_onednn
+def test_second_order_gradients_fail_loudly() -> None:
+    _, fast = _pair(True)
+    x = torch.randn(4, 48, requires_grad=True)
+    (grad,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_prelu_slope_gradient_is_finite_where_x_is_infinite() -> None:
+    fast = PReLU(1)
+    x = torch.tensor([[float("inf"), -1.0, 2.0]])
+    fast(x).sum().backward()
+    assert fast.weight.grad.tolist() == [-1.0]
+
+
+def test_kernel_choice_is_no_architecture(tmp_path) -> None:
+    from facemae_dist.config import load_config, save_config
+    from facemae_dist.engine.loop import resume_changes
+    from facemae_dist.engine.pretrain import PretrainConfig
+    from facemae_dist.models.cpu_kernels import architecture_kwargs
+
+    assert architecture_kwargs({"cpu_linear": "onednn", "decoder_dim": 64}) == {"decoder_dim": 64}
+    (tmp_path / "checkpoints/step-00000010").mkdir(parents=True)
+    (tmp_path / "checkpoints/latest").write_text("step-00000010")
+    base = ["data.train=x", f"run.out_dir={tmp_path}", "irm.weight=0"]
+    save_config(load_config(PretrainConfig, CONFIG, base), tmp_path / "config.yaml")
+    kernels = load_config(PretrainConfig, CONFIG, [*base, "model.kwargs.cpu_linear=aten"])
+    assert resume_changes(kernels, tmp_path) == ["model.kwargs.cpu_linear None -> 'aten'"]

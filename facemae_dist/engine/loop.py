@@ -27,6 +27,7 @@ from facemae_dist.config import read_json, write_text_atomic
 from facemae_dist.data.stream import FaceStream, make_loader
 from facemae_dist.engine import checkpoint
 from facemae_dist.errors import FacemaeError
+from facemae_dist.models.cpu_kernels import KERNEL_KWARGS
 
 # the repository root (the folder holding configs/): repository paths in configs resolve against it
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -247,9 +248,10 @@ RUN_IDENTITY = ("model", "backbone", "engine.zero_stage", "engine.precision")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty section is no key (like an unset one)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out |= _flat(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
@@ -273,7 +275,12 @@ def resume_changes(cfg: Any, run_dir: Path) -> list[str]:
         return ["config.yaml was unreadable"]
     new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # as written: tuples are lists
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    fixed = [k for k in keys if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY)]
+    fixed = [
+        k
+        for k in keys
+        if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY)
+        and k.rsplit(".", 1)[-1] not in KERNEL_KWARGS  # the same weights on other kernels
+    ]
     if fixed:
         detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in fixed[:3])
         raise FacemaeError(

@@ -33,6 +33,7 @@ from facemae_dist.engine.loop import (
 from facemae_dist.errors import FacemaeError
 from facemae_dist.losses.irm import MIN_IRM_BATCH
 from facemae_dist.losses.irm import _check_options as _check_irm_options
+from facemae_dist.models.cpu_kernels import architecture_kwargs
 from facemae_dist.report import draw_run_curves
 
 
@@ -313,7 +314,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     checkpoint.export_module(engine, weights, cfg.engine.zero_stage)
     if info.is_main:
         kwargs = {"img_size": cfg.model.image_size, "norm_pix_loss": cfg.model.norm_pix_loss}
-        meta = {"name": cfg.model.name, "kwargs": {**kwargs, **cfg.model.kwargs}}
+        kwargs = architecture_kwargs({**kwargs, **cfg.model.kwargs})  # not the kernel choice
+        meta = {"name": cfg.model.name, "kwargs": kwargs}
         (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
     diff = verify_export(engine, run_dir, cfg, device)
     if info.is_main:
@@ -376,7 +378,7 @@ def load_facemae(run_dir: str | Path) -> torch.nn.Module:
     meta = json.loads(meta_file.read_text())
     state = load_file(str(run_dir / "facemae.safetensors"))
     # runs exported before the cls token became optional carry one (the MAE layout)
-    kwargs = {"cls_token": "cls_token" in state, **meta["kwargs"]}
+    kwargs = {"cls_token": "cls_token" in state, **architecture_kwargs(meta["kwargs"])}
     model = timm.create_model(meta["name"], **kwargs)
     model.load_state_dict(state)
     return model.eval()

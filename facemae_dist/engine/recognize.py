@@ -39,6 +39,7 @@ from facemae_dist.engine.loop import (
 )
 from facemae_dist.errors import FacemaeError
 from facemae_dist.models.backbones import IMAGE_SIZE
+from facemae_dist.models.cpu_kernels import architecture_kwargs
 from facemae_dist.report import draw_run_curves
 
 
@@ -244,7 +245,7 @@ def export_backbone(engine, cfg: RecogConfig, path: Path) -> Path:
         meta = {
             "backbone": cfg.backbone.name,
             "embedding_size": cfg.backbone.embedding_size,
-            "kwargs": cfg.backbone.kwargs,
+            "kwargs": architecture_kwargs(cfg.backbone.kwargs),  # not the kernel choice
         }
         (path.parent / "model.json").write_text(json.dumps(meta, indent=1))
     return path
@@ -274,7 +275,8 @@ def load_recognizer(path: str | Path, flag: str = "--model") -> torch.nn.Module:
     if kind is None or not weights.is_file():
         raise FacemaeError(f"{flag} {path}: no recognizer export here; {fix}")
     try:
-        model = build_backbone(meta["backbone"], meta["embedding_size"], **meta.get("kwargs", {}))
+        kwargs = architecture_kwargs(meta.get("kwargs") or {})
+        model = build_backbone(meta["backbone"], meta["embedding_size"], **kwargs)
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise FacemaeError(

@@ -33,19 +33,22 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from facemae_dist.errors import FacemaeError
 
 __all__ = [
     "CPU_LINEAR_CHOICES",
+    "KERNEL_KWARGS",
     "Conv2d",
     "OneDNNLinear",
     "PReLU",
+    "architecture_kwargs",
     "onednn_matmul",
     "resolve_cpu_linear",
     "use_onednn_linears",
@@ -63,14 +66,32 @@ def onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """Whether this PyTorch build has the oneDNN linear kernel and it agrees with ``F.linear``."""
+    """Whether this PyTorch build has the oneDNN linear kernel and it agrees with ``F.linear``.
+
+    The probe names its device and dtype and leaves any dispatch mode: the first call may come while
+    a model is built under ``torch.device("meta")`` (config validation) or another default dtype,
+    and its answer is kept for the process.
+    """
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
-        return torch.allclose(onednn_matmul(x, w, b), F.linear(x, w, b), atol=1e-5)
+        with _disable_current_modes():
+            x, w, b = (torch.randn(*s, device="cpu", dtype=torch.float32) for s in _PROBE)
+            return torch.allclose(onednn_matmul(x, w, b), F.linear(x, w, b), atol=1e-5)
     except (AttributeError, RuntimeError):
         return False
+
+
+_PROBE = ((5, 7), (3, 7), (3,))
+
+#: model keyword arguments that pick kernels for this machine, not the architecture: left out of the
+#: model.json an export carries, and free to change when a run resumes
+KERNEL_KWARGS = ("cpu_linear",)
+
+
+def architecture_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without :data:`KERNEL_KWARGS` (what an exported model.json records)."""
+    return {k: v for k, v in kwargs.items() if k not in KERNEL_KWARGS}
 
 
 @functools.cache
@@ -118,6 +139,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return onednn_matmul(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second-order use fails loudly
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
@@ -148,8 +170,15 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if _eager_fp32_cpu(x, self.weight):
-            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+            return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The Function on 2-D rows, reshaped outside it: oneDNN returns N-D results as views, and a
+    custom Function's view output could not be modified in place (an in-place ReLU after it)."""
+    rows = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return rows.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def use_onednn_linears(module: nn.Module) -> int:
@@ -178,12 +207,12 @@ class _PReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         slope = _per_channel(weight, x)
-        positive = (x > 0).to(x.dtype)
+        positive = x > 0
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # d/dx = 1 where x > 0, else the slope
-            grad_x = positive.mul(1.0 - slope).add_(slope).mul_(grad_out)
-        if ctx.needs_input_grad[1]:  # d/dslope = x where x <= 0
-            per_element = (grad_out * x).mul_(1.0 - positive)
+            grad_x = positive.to(x.dtype).mul_(1.0 - slope).add_(slope).mul_(grad_out)
+        if ctx.needs_input_grad[1]:  # d/dslope = x where x <= 0 (a fill, not a product: inf * 0)
+            per_element = (grad_out * x).masked_fill_(positive, 0.0)
             dims = [d for d in range(x.dim()) if d != 1 or weight.numel() == 1]
             grad_w = per_element.sum(dims).reshape(weight.shape)
         return grad_x, grad_w
@@ -228,7 +257,7 @@ class Conv2d(nn.Conv2d):
             pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous: no copy
             weight = self.weight.flatten(1)
             if resolve_cpu_linear("auto") == "onednn":
-                out = _OneDNNLinearFunction.apply(pixels, weight, self.bias)
+                out = _onednn_linear(pixels, weight, self.bias)
             else:
                 out = F.linear(pixels, weight, self.bias)
             return out.permute(0, 3, 1, 2)  # channels-last NCHW, as the convolution returns
