@@ -162,37 +162,29 @@ def teacher_file(teacher: str) -> Path:
     return path / "backbone.safetensors"
 
 
-def _teacher_meta(irm: IRMConfig) -> tuple[dict[str, Any], Path] | None:
-    """The recognizer's model.json beside irm.teacher (written by `facemae train`) and its path, or
-    None for a teacher without one."""
-    if not irm.teacher:
-        return None
-    meta_file = teacher_file(irm.teacher).parent / "model.json"
-    if not meta_file.is_file():
-        return None  # a teacher exported elsewhere: the state dict is checked when it is loaded
+def _teacher_meta(irm: IRMConfig) -> tuple[tuple[str, int, dict[str, Any]], Path | None]:
+    """(backbone, embedding size, backbone options) the model.json beside irm.teacher names
+    (written by `facemae train`) and that file; :data:`FALLBACK_TEACHER` (no options) and None for
+    a teacher without one."""
+    meta_file = teacher_file(irm.teacher).parent / "model.json" if irm.teacher else None
+    if meta_file is None or not meta_file.is_file():
+        # a teacher exported elsewhere: the state dict is checked when it is loaded
+        return (*FALLBACK_TEACHER, {}), None
     fix = "pass the .safetensors of a recognizer trained with `facemae train`"
     meta = read_json(meta_file, f"irm.teacher {irm.teacher}", fix)
     if model_json_kind(meta) != "recognizer":
         raise FacemaeError(f"irm.teacher {irm.teacher}: {meta_file} is no recognizer's; {fix}")
-    return meta, meta_file
+    return (meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {}), meta_file
 
 
 def teacher_backbone(irm: IRMConfig) -> tuple[str, int, dict[str, Any]]:
     """(backbone, embedding size, backbone options) of the IRM teacher: the values the config sets,
     the unset ones from the model.json beside irm.teacher, else :data:`FALLBACK_TEACHER` (no
     options). Checks nothing: :func:`resolve_teacher` does, before a run."""
-    found = _teacher_meta(irm)
-    if found:
-        meta = found[0]
-        known = (meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {})
-    else:
-        known = (*FALLBACK_TEACHER, {})
-    arch, size, kwargs = (irm.teacher_arch, irm.teacher_embedding, irm.teacher_kwargs)
-    return (
-        known[0] if arch is None else arch,
-        known[1] if size is None else size,
-        known[2] if kwargs is None else kwargs,
-    )
+    known, _ = _teacher_meta(irm)
+    given = (irm.teacher_arch, irm.teacher_embedding, irm.teacher_kwargs)
+    arch, size, kwargs = (k if g is None else g for g, k in zip(given, known, strict=True))
+    return arch, size, kwargs
 
 
 def resolve_teacher(irm: IRMConfig) -> None:
@@ -200,10 +192,8 @@ def resolve_teacher(irm: IRMConfig) -> None:
     teacher's model.json (written by `facemae train` beside its export; without one, from
     :data:`FALLBACK_TEACHER`), so the run's config.yaml records the teacher it used. Values the
     config sets must agree with that model.json (else loading the teacher fails later)."""
-    found = _teacher_meta(irm)
-    if found:
-        meta, meta_file = found
-        arch, size, kwargs = meta["backbone"], meta["embedding_size"], meta.get("kwargs") or {}
+    (arch, size, kwargs), meta_file = _teacher_meta(irm)
+    if meta_file is not None:
         given = {
             "teacher_arch": (irm.teacher_arch, arch),
             "teacher_embedding": (irm.teacher_embedding, size),
@@ -222,7 +212,9 @@ def resolve_teacher(irm: IRMConfig) -> None:
                 f"({meta_file}), but irm.teacher_kwargs is {irm.teacher_kwargs}: set "
                 "irm.teacher_kwargs to the same, or null to read them from model.json"
             )
-    irm.teacher_arch, irm.teacher_embedding, irm.teacher_kwargs = teacher_backbone(irm)
+    irm.teacher_arch = arch if irm.teacher_arch is None else irm.teacher_arch
+    irm.teacher_embedding = size if irm.teacher_embedding is None else irm.teacher_embedding
+    irm.teacher_kwargs = kwargs if irm.teacher_kwargs is None else irm.teacher_kwargs
 
 
 def build_irm(cfg: IRMConfig, device: torch.device, engine_precision: str = "fp32"):

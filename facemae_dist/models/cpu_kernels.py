@@ -1,4 +1,4 @@
-"""Two CPU training kernels that PyTorch runs far below the machine's speed, replaced.
+"""Three CPU training kernels that PyTorch runs far below the machine's speed, replaced.
 
 **Linear layers through oneDNN on CPUs where PyTorch's MKL matmul runs a slow code path.**
 
@@ -165,6 +165,13 @@ def _eager_fp32_cpu(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The Function on 2-D rows, reshaped outside it: oneDNN returns N-D results as views, and a
+    custom Function's view output could not be modified in place (an in-place ReLU after it)."""
+    rows = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return rows.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU products run on oneDNN (see the module docstring)."""
 
@@ -172,13 +179,6 @@ class OneDNNLinear(nn.Linear):
         if _eager_fp32_cpu(x, self.weight):
             return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The Function on 2-D rows, reshaped outside it: oneDNN returns N-D results as views, and a
-    custom Function's view output could not be modified in place (an in-place ReLU after it)."""
-    rows = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
-    return rows.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def use_onednn_linears(module: nn.Module) -> int:
